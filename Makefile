@@ -1,0 +1,28 @@
+# The two front doors (README): `make demo` and `make test`. Both set up everything they need.
+PY := .venv/bin/python
+SHELL := /bin/bash
+
+.PHONY: setup demo test lint unit kernel bench clean
+
+setup:
+	scripts/system-deps.sh
+	scripts/venv.sh
+
+demo: setup
+	$(PY) -m infertap.cli.main demo
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy -p infertap -p tests -p benchmarks
+
+test: setup lint
+	$(PY) -m pytest -q
+
+bench:
+	scripts/system-deps.sh bench
+	scripts/venv.sh
+	$(PY) -m benchmarks.datapath
+
+clean:
+	rm -rf .venv build *.egg-info agent/api/*_pb2*.py agent/api/*_pb2.pyi

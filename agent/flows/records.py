@@ -1,0 +1,117 @@
+"""Plain data types that cross module boundaries on the sample path.
+
+The kernel speaks in C structs (bpf/infertap.h, mirrored in agent/kernel/structs.py); everything
+after the ring-buffer reader speaks in these. A stage knows the stage before it only by these types.
+
+Vocabulary:
+- A *flow* is one intercepted socket (one end of a TCP connection). Its id is the kernel's
+  socket cookie. sk_msg sees only what a socket *sends*, so a flow carries one direction of bytes:
+  a client socket's sends are requests, a server socket's sends are responses.
+- A *connection* pairs the client and server flows of one TCP connection when both ends are
+  intercepted (both pods watched, or node mode). Its id is (client endpoint, server endpoint).
+- A *service* is the server endpoint ip:port.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Role(enum.IntEnum):
+    """Which end of the connection a flow is. Values match ITAP_ROLE_* in bpf/infertap.h."""
+
+    CLIENT = 1
+    SERVER = 2
+
+    @property
+    def direction(self) -> Direction:
+        return Direction.REQUEST if self is Role.CLIENT else Direction.RESPONSE
+
+
+class Direction(enum.StrEnum):
+    REQUEST = "request"  # bytes sent by the client
+    RESPONSE = "response"  # bytes sent by the server
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    ip: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionId:
+    """Both ends of a TCP connection, the same whichever end's flow it was computed from."""
+
+    client: Endpoint
+    server: Endpoint
+
+
+@dataclass(slots=True)
+class FlowInfo:
+    """One intercepted socket, as the kernel flow table describes it."""
+
+    cookie: int
+    role: Role
+    local: Endpoint
+    remote: Endpoint
+    cgroup_id: int
+    start_ns: int
+    sampled: bool
+    messages: int = 0
+    bytes: int = 0
+    drops: int = 0
+    samples: int = 0
+    samples_lost: int = 0
+
+    @property
+    def service(self) -> Endpoint:
+        """The server end: a service verdict on this endpoint applies to the flow."""
+        return self.local if self.role is Role.SERVER else self.remote
+
+    @property
+    def connection(self) -> ConnectionId:
+        if self.role is Role.CLIENT:
+            return ConnectionId(client=self.local, server=self.remote)
+        return ConnectionId(client=self.remote, server=self.local)
+
+    @property
+    def direction(self) -> Direction:
+        return self.role.direction
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """The first bytes of one sendmsg on a sampled flow.
+
+    `data` holds stream bytes [offset, offset + len(data)); the message itself covered
+    [offset, offset + msg_len). When `truncated`, the rest of the message was not captured.
+    Offsets count only bytes that passed (dropped messages never reach the peer), so a jump in
+    offset between two samples of a flow means samples were lost.
+    """
+
+    cookie: int
+    ts_ns: int
+    offset: int
+    msg_len: int
+    data: bytes
+    role: Role
+    truncated: bool
+    pull_failed: bool = False
+
+    @property
+    def end(self) -> int:
+        """Stream offset just past this message."""
+        return self.offset + self.msg_len
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEnd:
+    """The kernel saw the socket close; `flow` carries its final counters."""
+
+    flow: FlowInfo
+    ts_ns: int

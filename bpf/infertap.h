@@ -1,0 +1,108 @@
+/* Structs and constants shared by the kernel programs and userspace.
+ *
+ * This header is the single definition. Python mirrors it once, in agent/kernel/structs.py, and
+ * tests/test_structs.py compiles this file with the host compiler to check that every size and
+ * offset matches. Keep fields naturally aligned so BPF and x86-64 agree without packing.
+ */
+#ifndef INFERTAP_H
+#define INFERTAP_H
+
+#include <linux/types.h>
+
+/* Largest payload one sample can carry, and the size classes samples are reserved in. A sample is
+ * reserved at the smallest class that fits, so small messages do not eat ring space. */
+#define ITAP_SAMPLE_SMALL 512
+#define ITAP_SAMPLE_MEDIUM 4096
+#define ITAP_SAMPLE_MAX 16384
+
+/* Which end of the connection a socket is: its sends are requests (client) or responses (server). */
+#define ITAP_ROLE_CLIENT 1
+#define ITAP_ROLE_SERVER 2
+
+/* Ring buffer record kinds. */
+#define ITAP_REC_SAMPLE 1
+#define ITAP_REC_FLOW_START 2
+#define ITAP_REC_FLOW_END 3
+
+/* Sample flags. */
+#define ITAP_SAMPLE_TRUNCATED 1   /* the message is longer than the bytes captured */
+#define ITAP_SAMPLE_PULL_FAILED 2 /* bpf_msg_pull_data failed: fewer bytes than asked for */
+
+/* Verdict values in the verdict maps. */
+#define ITAP_VERDICT_BLOCK 1
+
+/* Indexes into the per-CPU stats array. */
+#define ITAP_STAT_MSGS 0
+#define ITAP_STAT_BYTES 1
+#define ITAP_STAT_SAMPLES 2
+#define ITAP_STAT_SAMPLES_LOST 3     /* ring buffer full */
+#define ITAP_STAT_PULL_FAILED 4
+#define ITAP_STAT_VERDICT_DROPS 5
+#define ITAP_STAT_FLOWS_OPENED 6
+#define ITAP_STAT_FLOWS_CLOSED 7
+#define ITAP_STAT_FLOW_TABLE_FULL 8
+#define ITAP_STAT_EVENTS_LOST 9      /* flow start/end records lost to a full ring */
+#define ITAP_STAT_UNTRACKED_MSGS 10  /* sk_msg ran for a socket with no flow record */
+#define ITAP_STAT_SOCKHASH_FAILED 11
+#define ITAP_STAT_COUNT 12
+
+/* A TCP connection as one socket sees it. Addresses in network order (IPv4 in ip[0]), ports in
+ * host order. IPv4-mapped IPv6 addresses are folded to IPv4 so both ends of a dual-stack
+ * connection produce comparable keys. Also the sockhash key. */
+struct itap_flow_key {
+    __u16 family;
+    __u16 pad;
+    __u16 local_port;
+    __u16 remote_port;
+    __u32 local_ip[4];
+    __u32 remote_ip[4];
+};
+
+/* A service is the server end of a connection: ip:port. Key of the service verdict map. */
+struct itap_service_key {
+    __u16 family;
+    __u16 port;
+    __u32 ip[4];
+};
+
+/* One intercepted socket. Counters are written by sk_msg, which runs under the socket lock, so
+ * they need no atomics; they are exact, and `bytes` doubles as the stream offset of samples. */
+struct itap_flow {
+    __u64 cookie;     /* socket cookie: the flow id users see */
+    __u64 cgroup_id;  /* cgroup v2 id of the process that first sent on the socket */
+    __u64 start_ns;   /* bpf_ktime_get_ns() at establishment */
+    __u64 msgs;       /* messages passed */
+    __u64 bytes;      /* bytes passed */
+    __u64 drops;      /* messages dropped by a verdict */
+    __u64 samples;    /* samples written to the ring */
+    __u64 samples_lost;
+    struct itap_flow_key key;
+    __u8 role;        /* ITAP_ROLE_* */
+    __u8 sampled;     /* 1 if this flow's messages are sampled */
+    __u8 announced;   /* 1 once the FLOW_START record went out (on the first send) */
+    __u8 pad[5];
+};
+
+/* Set by userspace in slot 0 of the config array. */
+struct itap_config {
+    __u32 sample_bytes;    /* bytes to copy from each message; capped at ITAP_SAMPLE_MAX */
+    __u32 sample_one_in;   /* sample 1 in N flows; 0 = none, 1 = every flow */
+    __u32 port_filter;     /* 1: only flows on a watched port; 0: every TCP flow */
+    __u32 verdicts_active; /* number of verdict entries; 0 lets sk_msg skip the lookups */
+};
+
+/* Header of every ring buffer record. A sample's payload (cap_len bytes) follows it; a flow
+ * record is followed by a struct itap_flow. */
+struct itap_record {
+    __u32 kind;      /* ITAP_REC_* */
+    __u32 cap_len;   /* payload bytes that follow (samples) */
+    __u64 ts_ns;     /* bpf_ktime_get_ns() */
+    __u64 cookie;
+    __u64 offset;    /* stream offset of the message's first byte (samples) */
+    __u32 msg_len;   /* the message's true length (samples) */
+    __u8 role;
+    __u8 flags;      /* ITAP_SAMPLE_* */
+    __u16 pad;
+};
+
+#endif /* INFERTAP_H */
