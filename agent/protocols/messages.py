@@ -1,0 +1,60 @@
+"""What the wire decoders produce: HTTP messages and request/response exchanges.
+
+Plain data. The decoders (http1, http2) build these from reassembled byte streams; the model
+adapters (agent/models) read them. Header names are lower-case; HTTP/2 pseudo-headers (":path")
+are kept in `headers` too. Bodies are decoded (de-chunked, decompressed) when complete; a body
+the sampling cut short is flagged `body_truncated` and never guessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from infertap.agent.flows.records import ConnectionId, Direction
+
+
+@dataclass(slots=True)
+class HttpMessage:
+    connection: ConnectionId
+    direction: Direction
+    protocol: str  # "http/1.1", "http/1.0" or "h2"
+    ts_ns: int  # kernel time of the send that carried the first byte
+    end_ts_ns: int  # kernel time of the send that carried the last byte seen
+    method: str = ""  # requests
+    path: str = ""  # requests
+    status: int = 0  # responses (HTTP status; gRPC status is in trailers)
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    trailers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    body_truncated: bool = False  # bytes of the body were not seen (sample limit or lost samples)
+    headers_unknown: bool = False  # HTTP/2: HPACK state was lost to a gap; fail closed
+    content_length: int = -1  # -1 when not given
+    stream_id: int = 0  # HTTP/2 stream id; 0 for HTTP/1
+    grpc_messages: list[bytes] = field(default_factory=list)  # de-framed, decompressed
+
+    def header(self, name: str) -> str | None:
+        """The first value of a header (name lower-case), or None."""
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    @property
+    def is_grpc(self) -> bool:
+        ctype = self.header("content-type") or ""
+        return self.protocol == "h2" and ctype.startswith("application/grpc")
+
+
+@dataclass(slots=True)
+class HttpExchange:
+    """A request and, once seen, its response, on one connection."""
+
+    request: HttpMessage
+    response: HttpMessage | None = None
+
+    @property
+    def latency_ns(self) -> int | None:
+        """Request sent (first byte) to the first response byte sent, from kernel timestamps."""
+        if self.response is None:
+            return None
+        return max(0, self.response.ts_ns - self.request.ts_ns)
