@@ -44,7 +44,8 @@
 #define ITAP_STAT_EVENTS_LOST 9      /* flow start/end records lost to a full ring */
 #define ITAP_STAT_UNTRACKED_MSGS 10  /* sk_msg ran for a socket with no flow record */
 #define ITAP_STAT_SOCKHASH_FAILED 11
-#define ITAP_STAT_COUNT 12
+#define ITAP_STAT_BYTES_UNSEEN 12    /* bytes sent while sk_msg kept a cached verdict */
+#define ITAP_STAT_COUNT 13
 
 /* A TCP connection as one socket sees it. Addresses in network order (IPv4 in ip[0]), ports in
  * host order. IPv4-mapped IPv6 addresses are folded to IPv4 so both ends of a dual-stack
@@ -66,21 +67,32 @@ struct itap_service_key {
 };
 
 /* One intercepted socket. Counters are written by sk_msg, which runs under the socket lock, so
- * they need no atomics; they are exact, and `bytes` doubles as the stream offset of samples. */
+ * they need no atomics and are exact.
+ *
+ * Stream offsets. sk_msg does not see every byte a socket sends: when a non-blocking send cannot
+ * push a whole message, the kernel keeps the last verdict and the retried bytes go out without the
+ * program running. So when the kernel's BTF gives us the offset of tcp_sock.write_seq, sk_msg reads
+ * the socket's real sequence number and derives the true stream offset of each message from it;
+ * bytes that went by unseen become an exact, counted gap (unseen_bytes) instead of a silent
+ * misalignment. Without BTF, offsets count the bytes sk_msg saw. */
 struct itap_flow {
-    __u64 cookie;     /* socket cookie: the flow id users see */
-    __u64 cgroup_id;  /* cgroup v2 id of the process that first sent on the socket */
-    __u64 start_ns;   /* bpf_ktime_get_ns() at establishment */
-    __u64 msgs;       /* messages passed */
-    __u64 bytes;      /* bytes passed */
-    __u64 drops;      /* messages dropped by a verdict */
-    __u64 samples;    /* samples written to the ring */
+    __u64 cookie;       /* socket cookie: the flow id users see */
+    __u64 cgroup_id;    /* cgroup v2 id of the process that first sent on the socket */
+    __u64 start_ns;     /* bpf_ktime_get_ns() at establishment */
+    __u64 msgs;         /* messages passed */
+    __u64 bytes;        /* bytes passed */
+    __u64 drops;        /* messages dropped by a verdict */
+    __u64 samples;      /* samples written to the ring */
     __u64 samples_lost;
+    __u64 unseen_bytes; /* bytes sent without sk_msg running on them */
+    __u64 next_offset;  /* stream offset where the next message starts if none goes unseen */
+    __u64 seq_pos;      /* stream offset that seq_last corresponds to */
     struct itap_flow_key key;
-    __u8 role;        /* ITAP_ROLE_* */
-    __u8 sampled;     /* 1 if this flow's messages are sampled */
-    __u8 announced;   /* 1 once the FLOW_START record went out (on the first send) */
-    __u8 pad[5];
+    __u32 seq_last;     /* tcp write_seq at the last message start (or at establishment) */
+    __u8 role;          /* ITAP_ROLE_* */
+    __u8 sampled;       /* 1 if this flow's messages are sampled */
+    __u8 announced;     /* 1 once the FLOW_START record went out (on the first send) */
+    __u8 seq_ok;        /* 1 if seq_last is valid (write_seq tracking on) */
 };
 
 /* Set by userspace in slot 0 of the config array. */

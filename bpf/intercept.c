@@ -24,7 +24,13 @@
 
 #define ITAP_AF_INET 2
 #define ITAP_AF_INET6 10
-#define ITAP_TCP_CLOSE 7 /* BPF_TCP_CLOSE */
+/* enum BPF_TCP_* states */
+#define ITAP_TCP_FIN_WAIT1 4
+#define ITAP_TCP_FIN_WAIT2 5
+#define ITAP_TCP_TIME_WAIT 6
+#define ITAP_TCP_CLOSE 7
+#define ITAP_TCP_LAST_ACK 9
+#define ITAP_TCP_CLOSING 11
 
 /* BCC declares bpf_get_socket_cookie as returning u32; the kernel returns u64. */
 static u64 (*itap_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
@@ -138,6 +144,22 @@ static __always_inline int key_from_msg(struct sk_msg_md *msg, struct itap_flow_
     return -1;
 }
 
+/* The socket's tcp write_seq: the sequence number its next queued byte will get. The offset of
+ * the field comes from the running kernel's BTF (agent/kernel/btf.py), not from our headers. */
+static __always_inline int read_write_seq(struct bpf_sock *sk, u32 *seq)
+{
+#ifdef ITAP_WRITE_SEQ_OFF
+    if (!sk)
+        return -1;
+    struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+    if (!tp)
+        return -1;
+    return bpf_probe_read_kernel(seq, sizeof(*seq), (char *)tp + ITAP_WRITE_SEQ_OFF);
+#else
+    return -1;
+#endif
+}
+
 static __always_inline void emit_flow_record(u32 kind, struct itap_flow *flow)
 {
     struct itap_flow_record *r = itap_events.ringbuf_reserve(sizeof(struct itap_flow_record));
@@ -179,6 +201,11 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, u8 role)
     flow.start_ns = bpf_ktime_get_ns();
     flow.key = key;
     flow.role = role;
+#ifdef ITAP_WRITE_SEQ_OFF
+    /* Nothing is queued yet at establishment, so snd_nxt == write_seq == stream offset 0. */
+    flow.seq_last = skops->snd_nxt;
+    flow.seq_ok = 1;
+#endif
     flow.sampled = cfg->sample_one_in == 1 ||
                    (cfg->sample_one_in > 1 && bpf_get_prandom_u32() % cfg->sample_one_in == 0);
 
@@ -207,6 +234,23 @@ static __always_inline void on_close(struct bpf_sock_ops *skops)
     if (!flow)
         return;
     struct itap_flow copy = *flow;
+
+    /* Bytes sent after the last message sk_msg saw (a cached verdict) are only visible here. */
+    u32 seq;
+    if (copy.seq_ok && read_write_seq(skops->sk, &seq) == 0) {
+        u32 old_state = skops->args[0];
+        /* A FIN takes a sequence number but carries no byte. States after our FIN went out: */
+        if (old_state == ITAP_TCP_FIN_WAIT1 || old_state == ITAP_TCP_FIN_WAIT2 ||
+            old_state == ITAP_TCP_TIME_WAIT || old_state == ITAP_TCP_CLOSING ||
+            old_state == ITAP_TCP_LAST_ACK)
+            seq -= 1;
+        u64 end = copy.seq_pos + (u32)(seq - copy.seq_last);
+        if (end > copy.next_offset && end - copy.next_offset < (1ULL << 31)) {
+            copy.unseen_bytes += end - copy.next_offset;
+            stat_add(ITAP_STAT_BYTES_UNSEEN, end - copy.next_offset);
+            copy.next_offset = end;
+        }
+    }
     itap_flows.delete(&key);
     itap_flow_verdicts.delete(&copy.cookie);
     stat_add(ITAP_STAT_FLOWS_CLOSED, 1);
@@ -367,9 +411,24 @@ int itap_msg(struct sk_msg_md *msg)
     if (!cfg)
         return SK_PASS;
 
+    /* Where this message starts in the stream. */
+    u64 offset = flow->next_offset;
+    u32 seq;
+    if (flow->seq_ok && read_write_seq(msg->sk, &seq) == 0) {
+        u64 pos = flow->seq_pos + (u32)(seq - flow->seq_last);
+        flow->seq_pos = pos;
+        flow->seq_last = seq;
+        if (pos > offset) {
+            flow->unseen_bytes += pos - offset;
+            stat_add(ITAP_STAT_BYTES_UNSEEN, pos - offset);
+        }
+        offset = pos;
+    }
+
     u32 size = msg->size;
     if (cfg->verdicts_active && blocked(flow)) {
         flow->drops++;
+        flow->next_offset = offset; /* nothing of a dropped message is queued */
         stat_add(ITAP_STAT_VERDICT_DROPS, 1);
         return SK_DROP;
     }
@@ -383,7 +442,7 @@ int itap_msg(struct sk_msg_md *msg)
         emit_flow_record(ITAP_REC_FLOW_START, flow);
     }
 
-    u64 offset = flow->bytes;
+    flow->next_offset = offset + size;
     flow->msgs++;
     flow->bytes += size;
     stat_add(ITAP_STAT_MSGS, 1);

@@ -67,6 +67,8 @@ class FlowInfo:
     drops: int = 0
     samples: int = 0
     samples_lost: int = 0
+    unseen_bytes: int = 0  # sent while the kernel skipped sk_msg (see bpf/infertap.h)
+    stream_bytes: int = 0  # stream length so far: where the next message starts
 
     @property
     def service(self) -> Endpoint:
@@ -90,8 +92,12 @@ class Sample:
 
     `data` holds stream bytes [offset, offset + len(data)); the message itself covered
     [offset, offset + msg_len). When `truncated`, the rest of the message was not captured.
-    Offsets count only bytes that passed (dropped messages never reach the peer), so a jump in
-    offset between two samples of a flow means samples were lost.
+    Offsets are true TCP stream offsets (from the socket's write_seq; dropped messages take no
+    room), so a jump between one sample's `end` and the next sample's `offset` is an exact count
+    of bytes not captured (lost samples, or bytes the kernel sent without running sk_msg). A
+    sample may also start *before* the previous one's end: a non-blocking send that pushed only
+    part of a message is retried by the application, and the retried tail is seen again. The
+    overlapping bytes are the same bytes; consumers skip them.
     """
 
     cookie: int
@@ -112,6 +118,14 @@ class Sample:
 @dataclass(frozen=True, slots=True)
 class FlowEnd:
     """The kernel saw the socket close; `flow` carries its final counters."""
+
+    flow: FlowInfo
+    ts_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlowStart:
+    """The flow's first send: the kernel now knows its cgroup (see bpf/intercept.c)."""
 
     flow: FlowInfo
     ts_ns: int

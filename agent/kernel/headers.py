@@ -48,9 +48,12 @@ def _is_tree(path: Path) -> bool:
     return (path / "include" / "linux" / "kconfig.h").is_file()
 
 
-def _candidates(src_root: Path) -> list[tuple[tuple[int, int, int], Path, Path | None]]:
+Candidate = tuple[tuple[int, int, int], Path, Path | None]
+
+
+def _candidates(src_root: Path) -> list[Candidate]:
     """Flavoured header folders (e.g. -amd64) with their -common sibling, if any."""
-    found = []
+    found: list[Candidate] = []
     if not src_root.is_dir():
         return found
     for entry in sorted(src_root.iterdir()):
@@ -64,7 +67,7 @@ def _candidates(src_root: Path) -> list[tuple[tuple[int, int, int], Path, Path |
     return found
 
 
-def _closest(release: str, cands: list[tuple[tuple[int, int, int], Path, Path | None]]):
+def _closest(release: str, cands: list[Candidate]) -> Candidate:
     """Prefer the newest headers not newer than the running kernel; else the oldest newer one."""
     running = _version_tuple(release)
     older = [c for c in cands if c[0] <= running]

@@ -1,0 +1,302 @@
+"""The interception sensor: BPF programs and maps loaded, attached and removed as one unit.
+
+    with Sensor(options) as sensor:      # compiles bpf/intercept.c, loads, sweeps stale programs
+        sensor.attach(cgroup_path)       # sockops on a pod cgroup (or the cgroup2 root: node mode)
+        ...                              # sk_msg is attached to the sockhash at start
+                                         # leaving the block detaches everything
+
+Nothing is pinned, so a clean exit leaves nothing behind. A killed agent leaves its sockops
+programs attached (they keep adding sockets to a sockhash whose sk_msg program the kernel has
+already dropped, so traffic flows untouched); the next agent's start removes them.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infertap.agent.flows.records import FlowInfo
+from infertap.agent.kernel import bpfsys, btf, cgroups, decode, structs
+from infertap.agent.kernel.headers import HeaderTree, find_headers, point_bcc_at
+from infertap.agent.kernel.instances import InstanceRegistry
+
+log = logging.getLogger(__name__)
+
+PROGRAM_PREFIX = "itap_"  # every infertap program's name starts with this (stale sweep key)
+SWEPT_ATTACH_TYPES = (
+    bpfsys.AttachType.CGROUP_SOCK_OPS,
+    bpfsys.AttachType.CGROUP_INET4_CONNECT,
+    bpfsys.AttachType.CGROUP_INET6_CONNECT,
+    bpfsys.AttachType.CGROUP_GETSOCKOPT,
+)
+
+
+class SensorError(RuntimeError):
+    """The sensor cannot start; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class SensorOptions:
+    sample_bytes: int = 4096
+    sample_one_in: int = 1  # 1 = every flow, N = one flow in N, 0 = none
+    ports: tuple[int, ...] = ()  # watched model-service ports; empty = all TCP
+    ring_pages: int = 4096  # 16 MiB ring buffer
+    max_flows: int = 65536
+    run_dir: Path = Path("/run/infertap")
+    extra_cflags: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _require_privileges() -> None:
+    if os.geteuid() != 0:
+        raise SensorError(
+            "infertap needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN) to load "
+            "BPF programs; run it as root"
+        )
+
+
+class Sensor:
+    def __init__(self, options: SensorOptions, cgroup_mount: Path | None = None) -> None:
+        self.options = options
+        self.mount = cgroup_mount or cgroups.cgroup2_mount()
+        self.headers: HeaderTree | None = None
+        self._bpf: Any = None
+        self._sockops: Any = None
+        self._msg: Any = None
+        self._sockhash_fd = -1
+        self._attached: list[Path] = []
+        self._registry = InstanceRegistry(options.run_dir)
+        self._lock = threading.Lock()  # map writes from API threads and the policy engine
+        self.compile_seconds = 0.0
+        self.swept = 0
+        self.write_seq_tracking = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        _require_privileges()
+        for opt, lo, hi in (
+            ("sample_bytes", 0, structs.SAMPLE_MAX),
+            ("sample_one_in", 0, 1 << 30),
+        ):
+            val = getattr(self.options, opt)
+            if not lo <= val <= hi:
+                raise SensorError(f"{opt} must be between {lo} and {hi}, got {val}")
+        for port in self.options.ports:
+            if not 1 <= port <= 65535:
+                raise SensorError(f"port {port} is out of range (1-65535)")
+        try:
+            self.headers = find_headers(runtime_dir=self.options.run_dir / "kernel-headers")
+        except Exception as exc:  # HeadersNotFound or an unreadable /usr/src
+            raise SensorError(str(exc)) from exc
+        point_bcc_at(self.headers)
+        log.info("compiling BPF programs against kernel headers: %s", self.headers.origin)
+        self._compile()
+        try:
+            self._registry.register([self._prog_id(self._sockops), self._prog_id(self._msg)])
+            self.swept = self.sweep_stale()
+            self._configure()
+            from bcc import BPF, BPFAttachType
+
+            self._sockhash_fd = self._table_fd("itap_socks")
+            BPF.attach_func(self._msg, self._sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
+        except Exception:
+            self.close()
+            raise
+
+    def _compile(self) -> None:
+        from bcc import BPF  # Debian's python3-bpfcc; imported late so tests can run without it
+
+        cflags = [
+            f"-I{structs.BPF_DIR}",
+            *self._write_seq_cflags(),
+            f"-DITAP_RING_PAGES={self.options.ring_pages}",
+            f"-DITAP_MAX_FLOWS={self.options.max_flows}",
+            "-Wno-macro-redefined",
+            *self.options.extra_cflags,
+        ]
+        t0 = time.monotonic()
+        try:
+            self._bpf = BPF(src_file=str(structs.BPF_DIR / "intercept.c").encode(), cflags=cflags)
+            self._sockops = self._bpf.load_func(b"itap_sockops", BPF.SOCK_OPS)
+            self._msg = self._bpf.load_func(b"itap_msg", BPF.SK_MSG)
+        except Exception as exc:
+            raise SensorError(f"could not compile or load the BPF programs: {exc}") from exc
+        self.compile_seconds = time.monotonic() - t0
+
+    def _write_seq_cflags(self) -> list[str]:
+        """Enable true stream offsets when the kernel's BTF tells us where write_seq lives."""
+        try:
+            off = btf.member_offset("tcp_sock", "write_seq")
+        except btf.BtfError as exc:
+            log.warning("stream offsets will count only bytes sk_msg sees: %s", exc)
+            self.write_seq_tracking = False
+            return []
+        self.write_seq_tracking = True
+        return [f"-DITAP_WRITE_SEQ_OFF={off}"]
+
+    def _configure(self) -> None:
+        self.set_ports(self.options.ports)
+        self.set_sampling(self.options.sample_bytes, self.options.sample_one_in)
+
+    def close(self) -> None:
+        """Detach everything this sensor attached and release the maps. Safe to call twice."""
+        from bcc import BPF, BPFAttachType
+
+        for cg in list(self._attached):
+            try:
+                self.detach(cg)
+            except Exception as exc:  # keep going: detach what we can
+                log.warning("could not detach from %s: %s", cg, exc)
+        if self._msg is not None and self._sockhash_fd >= 0:
+            try:
+                BPF.detach_func(self._msg, self._sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
+            except Exception as exc:
+                log.debug("sk_msg detach: %s", exc)
+            self._sockhash_fd = -1
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+        self._registry.unregister()
+
+    def __enter__(self) -> Sensor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- attach / detach -------------------------------------------------------------------
+
+    def attach(self, cgroup: str | Path) -> Path:
+        from bcc import BPF, BPFAttachType
+
+        path = cgroups.resolve(cgroup, self.mount)
+        if path in self._attached:
+            return path
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            BPF.attach_func(
+                self._sockops, fd, BPFAttachType.CGROUP_SOCK_OPS, bpfsys.BPF_F_ALLOW_MULTI
+            )
+        finally:
+            os.close(fd)
+        self._attached.append(path)
+        log.info("sockops attached to cgroup %s", path)
+        return path
+
+    def detach(self, cgroup: str | Path) -> None:
+        from bcc import BPF, BPFAttachType
+
+        path = cgroups.resolve(cgroup, self.mount) if Path(cgroup).exists() else Path(cgroup)
+        if path not in self._attached:
+            return
+        self._attached.remove(path)
+        if not path.exists():
+            return  # the pod's cgroup is gone, and its programs with it
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            BPF.detach_func(self._sockops, fd, BPFAttachType.CGROUP_SOCK_OPS)
+        finally:
+            os.close(fd)
+        log.info("sockops detached from cgroup %s", path)
+
+    @property
+    def attached(self) -> list[Path]:
+        return list(self._attached)
+
+    def sweep_stale(self) -> int:
+        """Detach infertap programs that no live agent owns, from every cgroup. Returns count."""
+        live = self._registry.live_prog_ids() | {
+            self._prog_id(self._sockops),
+            self._prog_id(self._msg),
+        }
+        removed = 0
+        for cg in cgroups.walk(self.mount):
+            for attach_type in SWEPT_ATTACH_TYPES:
+                try:
+                    ids = bpfsys.query_cgroup(str(cg), attach_type)
+                except OSError:
+                    continue
+                for prog_id in ids:
+                    info = bpfsys.prog_info_by_id(prog_id)
+                    if info is None or not info.name.startswith(PROGRAM_PREFIX):
+                        continue
+                    if prog_id in live:
+                        continue
+                    if bpfsys.detach_by_id(str(cg), attach_type, prog_id):
+                        removed += 1
+                        log.warning(
+                            "removed %s (id %d) left attached to %s by a dead agent",
+                            info.name,
+                            prog_id,
+                            cg,
+                        )
+        self._registry.remove_dead()
+        return removed
+
+    # ---- maps ------------------------------------------------------------------------------
+
+    def _table_fd(self, name: str) -> int:
+        from bcc import libbcc
+
+        fd = int(libbcc.lib.bpf_table_fd(self._bpf.module, name.encode()))
+        if fd < 0:
+            raise SensorError(f"map {name} not found")
+        return fd
+
+    @staticmethod
+    def _prog_id(fn: Any) -> int:
+        return bpfsys.prog_info(fn.fd).id
+
+    def table(self, name: str, key: type[Any] | None = None, leaf: type[Any] | None = None) -> Any:
+        return self._bpf.get_table(name, keytype=key, leaftype=leaf)
+
+    @property
+    def ring_fd(self) -> int:
+        return self._table_fd("itap_events")
+
+    @property
+    def ring_size(self) -> int:
+        return self.options.ring_pages * 4096
+
+    def set_ports(self, ports: tuple[int, ...] | list[int]) -> None:
+        with self._lock:
+            table = self.table("itap_watch_ports", ct.c_uint16, ct.c_uint8)
+            table.clear()
+            for port in ports:
+                table[ct.c_uint16(port)] = ct.c_uint8(1)
+            self._update_config(port_filter=1 if ports else 0)
+
+    def set_sampling(self, sample_bytes: int, one_in: int) -> None:
+        with self._lock:
+            self._update_config(
+                sample_bytes=min(sample_bytes, structs.SAMPLE_MAX), sample_one_in=one_in
+            )
+
+    def _update_config(self, **fields: int) -> None:
+        table = self.table("itap_config", ct.c_uint32, structs.Config)
+        cfg = table[ct.c_uint32(0)]
+        for name, value in fields.items():
+            setattr(cfg, name, value)
+        table[ct.c_uint32(0)] = cfg
+
+    def set_verdicts_active(self, count: int) -> None:
+        with self._lock:
+            self._update_config(verdicts_active=count)
+
+    def flows(self) -> list[FlowInfo]:
+        table = self.table("itap_flows", structs.FlowKey, structs.Flow)
+        out = []
+        for _key, value in table.items():
+            out.append(decode.decode_flow(bytes(value)))
+        return out
+
+    def stats(self) -> dict[str, int]:
+        table = self.table("itap_stats")
+        return {name: int(sum(table[ct.c_int(i)])) for i, name in enumerate(structs.STAT_NAMES)}

@@ -1,0 +1,120 @@
+"""ctypes mirrors of the structs in bpf/infertap.h: the one Python copy.
+
+tests/test_structs.py compiles the C header with the host compiler and checks every size and
+field offset here against it, so a change on one side without the other fails the tests.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+from pathlib import Path
+
+BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
+HEADER = BPF_DIR / "infertap.h"
+
+SAMPLE_SMALL = 512
+SAMPLE_MEDIUM = 4096
+SAMPLE_MAX = 16384
+
+ROLE_CLIENT = 1
+ROLE_SERVER = 2
+
+REC_SAMPLE = 1
+REC_FLOW_START = 2
+REC_FLOW_END = 3
+
+SAMPLE_TRUNCATED = 1
+SAMPLE_PULL_FAILED = 2
+
+VERDICT_BLOCK = 1
+
+# Index -> name of the per-CPU stats array (ITAP_STAT_* in the header, in order).
+STAT_NAMES = (
+    "msgs",
+    "bytes",
+    "samples",
+    "samples_lost",
+    "pull_failed",
+    "verdict_drops",
+    "flows_opened",
+    "flows_closed",
+    "flow_table_full",
+    "events_lost",
+    "untracked_msgs",
+    "sockhash_failed",
+    "bytes_unseen",
+)
+
+
+class FlowKey(ct.Structure):
+    _fields_ = (
+        ("family", ct.c_uint16),
+        ("pad", ct.c_uint16),
+        ("local_port", ct.c_uint16),
+        ("remote_port", ct.c_uint16),
+        ("local_ip", ct.c_uint32 * 4),
+        ("remote_ip", ct.c_uint32 * 4),
+    )
+
+
+class ServiceKey(ct.Structure):
+    _fields_ = (
+        ("family", ct.c_uint16),
+        ("port", ct.c_uint16),
+        ("ip", ct.c_uint32 * 4),
+    )
+
+
+class Flow(ct.Structure):
+    _fields_ = (
+        ("cookie", ct.c_uint64),
+        ("cgroup_id", ct.c_uint64),
+        ("start_ns", ct.c_uint64),
+        ("msgs", ct.c_uint64),
+        ("bytes", ct.c_uint64),
+        ("drops", ct.c_uint64),
+        ("samples", ct.c_uint64),
+        ("samples_lost", ct.c_uint64),
+        ("unseen_bytes", ct.c_uint64),
+        ("next_offset", ct.c_uint64),
+        ("seq_pos", ct.c_uint64),
+        ("key", FlowKey),
+        ("seq_last", ct.c_uint32),
+        ("role", ct.c_uint8),
+        ("sampled", ct.c_uint8),
+        ("announced", ct.c_uint8),
+        ("seq_ok", ct.c_uint8),
+    )
+
+
+class Config(ct.Structure):
+    _fields_ = (
+        ("sample_bytes", ct.c_uint32),
+        ("sample_one_in", ct.c_uint32),
+        ("port_filter", ct.c_uint32),
+        ("verdicts_active", ct.c_uint32),
+    )
+
+
+class Record(ct.Structure):
+    _fields_ = (
+        ("kind", ct.c_uint32),
+        ("cap_len", ct.c_uint32),
+        ("ts_ns", ct.c_uint64),
+        ("cookie", ct.c_uint64),
+        ("offset", ct.c_uint64),
+        ("msg_len", ct.c_uint32),
+        ("role", ct.c_uint8),
+        ("flags", ct.c_uint8),
+        ("pad", ct.c_uint16),
+    )
+
+
+# Every mirrored struct under its C name, for the layout test.
+MIRRORS: dict[str, type[ct.Structure]] = {
+    "itap_flow_key": FlowKey,
+    "itap_service_key": ServiceKey,
+    "itap_flow": Flow,
+    "itap_config": Config,
+    "itap_record": Record,
+}

@@ -1,0 +1,184 @@
+"""Local pods for tests, the demo and benchmarks: a cgroup v2 child plus a network namespace.
+
+A Kubernetes pod, as the kernel sees it, is a cgroup and a network namespace with a veth pair to
+the node. A Lab makes the same on one machine: a bridge in the root namespace, and per pod a
+namespace whose veth end sits on the bridge, an address from a private /24, and a cgroup under
+the cgroup2 mount. Processes run in a pod by entering its namespace (`ip netns exec`) after
+joining its cgroup, so every socket they open belongs to the pod exactly as in a cluster.
+
+Everything a Lab makes is removed by `close()` (also on errors while building), and each Lab
+picks names and a subnet from its process id so concurrent labs do not collide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute, NetNS, netns
+
+from infertap.agent.kernel import cgroups
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pod:
+    name: str
+    netns: str
+    cgroup: Path  # absolute path under the cgroup2 mount
+    ip: str
+    host_veth: str
+    processes: list[subprocess.Popen[Any]] = field(default_factory=list)
+
+    @property
+    def cgroup_id(self) -> int:
+        return cgroups.cgroup_id(self.cgroup)
+
+    def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a process inside the pod: in its cgroup, then in its network namespace."""
+        procs = str(self.cgroup / "cgroup.procs")
+
+        def join_cgroup() -> None:  # runs in the child between fork and exec
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, *argv],
+            preexec_fn=join_cgroup,  # the cgroup must be joined before exec
+            start_new_session=True,
+            **kwargs,
+        )
+        self.processes.append(proc)
+        return proc
+
+    def run(
+        self, argv: Sequence[str], timeout: float = 60, **kwargs: Any
+    ) -> subprocess.CompletedProcess[Any]:
+        if kwargs.pop("capture_output", False):
+            kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = self.popen(argv, **kwargs)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(proc)
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    @staticmethod
+    def kill(proc: subprocess.Popen[Any]) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for proc in self.processes:
+            self.kill(proc)
+        self.processes.clear()
+
+
+class Lab:
+    """A bridge and a set of pods. Use as a context manager; `close()` removes everything."""
+
+    def __init__(self, tag: str | None = None, cgroup_mount: Path | None = None) -> None:
+        pid = os.getpid()
+        self.tag = tag or f"{pid % 100000:05d}"
+        self.mount = cgroup_mount or cgroups.cgroup2_mount()
+        self.cgroup_root = self.mount / f"infertap-lab-{self.tag}"
+        self.bridge = f"itbr{self.tag}"[:15]
+        self.subnet = f"10.{200 + pid % 50}.{pid % 250}"
+        self.pods: dict[str, Pod] = {}
+        self._ipr = IPRoute()
+        try:
+            self._ipr.link("add", ifname=self.bridge, kind="bridge")
+            idx = self._ipr.link_lookup(ifname=self.bridge)[0]
+            self._ipr.link("set", index=idx, state="up")
+            self.cgroup_root.mkdir(exist_ok=True)
+        except Exception:
+            self.close()
+            raise
+
+    def add_pod(self, name: str) -> Pod:
+        n = len(self.pods) + 1
+        ns = f"itap-{self.tag}-{name}"
+        host_veth = f"itv{self.tag}{n}"[:15]
+        pod_veth = "eth0"
+        ip = f"{self.subnet}.{n + 1}"
+        cgroup = self.cgroup_root / name
+        pod = Pod(name=name, netns=ns, cgroup=cgroup, ip=ip, host_veth=host_veth)
+        self.pods[name] = pod
+        netns.create(ns)
+        cgroup.mkdir(exist_ok=True)
+        peer_tmp = f"itp{self.tag}{n}"[:15]
+        self._ipr.link("add", ifname=host_veth, kind="veth", peer=peer_tmp)
+        host_idx = self._ipr.link_lookup(ifname=host_veth)[0]
+        br_idx = self._ipr.link_lookup(ifname=self.bridge)[0]
+        self._ipr.link("set", index=host_idx, master=br_idx, state="up")
+        peer_idx = self._ipr.link_lookup(ifname=peer_tmp)[0]
+        self._ipr.link("set", index=peer_idx, net_ns_fd=ns)
+        with NetNS(ns) as nsr:
+            idx = nsr.link_lookup(ifname=peer_tmp)[0]
+            nsr.link("set", index=idx, ifname=pod_veth)
+            nsr.addr("add", index=idx, address=ip, prefixlen=24)
+            nsr.link("set", index=idx, state="up")
+            lo = nsr.link_lookup(ifname="lo")[0]
+            nsr.link("set", index=lo, state="up")
+        return pod
+
+    def close(self) -> None:
+        for pod in self.pods.values():
+            pod.stop_all()
+        for pod in self.pods.values():
+            with contextlib.suppress(Exception):
+                idx = self._ipr.link_lookup(ifname=pod.host_veth)
+                if idx:
+                    self._ipr.link("del", index=idx[0])
+            with contextlib.suppress(Exception):
+                netns.remove(pod.netns)
+            _rmdir_cgroup(pod.cgroup)
+        self.pods.clear()
+        with contextlib.suppress(Exception):
+            idx = self._ipr.link_lookup(ifname=self.bridge)
+            if idx:
+                self._ipr.link("del", index=idx[0])
+        _rmdir_cgroup(self.cgroup_root)
+        with contextlib.suppress(Exception):
+            self._ipr.close()
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _rmdir_cgroup(path: Path) -> None:
+    """Remove a cgroup folder, killing anything left in it first (rmdir fails while busy)."""
+    if not path.exists():
+        return
+    for _ in range(50):
+        try:
+            pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+        except OSError:
+            pids = []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.05)
+    log.warning("could not remove cgroup %s", path)

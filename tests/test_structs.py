@@ -1,0 +1,61 @@
+"""The Python mirrors of bpf/infertap.h have the C layout: sizes and every field offset."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from infertap.agent.kernel import structs
+
+
+def _c_layout(tmp_path: Path) -> dict[str, int]:
+    """Compile a program that prints sizeof/offsetof for every mirrored struct and field."""
+    lines = []
+    for cname, mirror in structs.MIRRORS.items():
+        lines.append(f'printf("{cname} %zu\\n", sizeof(struct {cname}));')
+        for fname, _ftype in mirror._fields_:
+            lines.append(f'printf("{cname}.{fname} %zu\\n", offsetof(struct {cname}, {fname}));')
+    src = tmp_path / "layout.c"
+    src.write_text(
+        "#include <stdio.h>\n#include <stddef.h>\n"
+        f'#include "{structs.HEADER}"\n'
+        "int main(void) {\n" + "\n".join(lines) + "\nreturn 0;\n}\n"
+    )
+    exe = tmp_path / "layout"
+    subprocess.run(["cc", "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_python_mirrors_match_c_sizes_and_offsets(tmp_path: Path) -> None:
+    c = _c_layout(tmp_path)
+    for cname, mirror in structs.MIRRORS.items():
+        assert ct.sizeof(mirror) == c[cname], cname
+        for fname, _ftype in mirror._fields_:
+            assert getattr(mirror, fname).offset == c[f"{cname}.{fname}"], f"{cname}.{fname}"
+
+
+def test_python_constants_match_c_defines() -> None:
+    text = structs.HEADER.read_text()
+    defines = {m[1]: int(m[2]) for m in re.finditer(r"#define (ITAP_\w+) (\d+)", text)}
+    assert defines["ITAP_SAMPLE_MAX"] == structs.SAMPLE_MAX
+    assert defines["ITAP_SAMPLE_MEDIUM"] == structs.SAMPLE_MEDIUM
+    assert defines["ITAP_SAMPLE_SMALL"] == structs.SAMPLE_SMALL
+    assert defines["ITAP_REC_SAMPLE"] == structs.REC_SAMPLE
+    assert defines["ITAP_REC_FLOW_START"] == structs.REC_FLOW_START
+    assert defines["ITAP_REC_FLOW_END"] == structs.REC_FLOW_END
+    assert defines["ITAP_ROLE_CLIENT"] == structs.ROLE_CLIENT
+    assert defines["ITAP_ROLE_SERVER"] == structs.ROLE_SERVER
+    assert defines["ITAP_SAMPLE_TRUNCATED"] == structs.SAMPLE_TRUNCATED
+    assert defines["ITAP_SAMPLE_PULL_FAILED"] == structs.SAMPLE_PULL_FAILED
+    assert defines["ITAP_VERDICT_BLOCK"] == structs.VERDICT_BLOCK
+    stat_defines = {k: v for k, v in defines.items() if k.startswith("ITAP_STAT_")}
+    assert stat_defines.pop("ITAP_STAT_COUNT") == len(structs.STAT_NAMES)
+    by_index = sorted(stat_defines.items(), key=lambda kv: kv[1])
+    assert [k.removeprefix("ITAP_STAT_").lower() for k, _ in by_index] == list(structs.STAT_NAMES)
