@@ -37,6 +37,12 @@ class InferenceEvent:
     usage: dict[str, int] = field(default_factory=dict)  # OpenAI token usage
     endpoint: str = ""  # path, e.g. /v2/models/fraud/infer
     payload_bytes: int = 0
+    # Added by the model adapters (agent/models):
+    output_datatypes: dict[str, str] = field(default_factory=dict)  # wire type per output
+    response_truncated: bool = False  # some response bytes were not seen: outputs may be missing
+    request_id: str = ""  # the protocol's own request id (V2 "id"), when sent
+    requested_outputs: list[str] = field(default_factory=list)  # V2 outputs asked for by name
+    output_texts: list[str] = field(default_factory=list)  # free text the model returned (OpenAI)
 
     def input_array(self, name: str) -> npt.NDArray[Any] | None:
         a = self.inputs.get(name)
