@@ -69,7 +69,7 @@ _PATTERNS: Final[Mapping[str, str]] = {
     # Hex groups and colons (at least two colons), optionally an embedded IPv4 tail and a zone.
     IPV6: (
         r"(?<![\w:.])(?=[0-9A-Fa-f]*:[0-9A-Fa-f]*:)[0-9A-Fa-f:]{2,39}"
-        r"(?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?:%[\w.]{1,16})?(?![\w:]|\.\d)"
+        r"(?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?:%[\w-]{1,16})?(?![\w:]|\.\d)"
     ),
     IPV4: r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?!\w|\.\d)",
     # 13-19 digits starting 2-6 (the issuer ranges in use), spaces or dashes allowed.
