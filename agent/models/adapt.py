@@ -1,0 +1,111 @@
+"""HttpExchange -> InferenceEvent: pick the model protocol and decode it, never raising.
+
+Dispatch is by path (and by content-type for gRPC):
+- gRPC (`application/grpc*` over h2) to `/inference.GRPCInferenceService/ModelInfer` or
+  `ModelStreamInfer`: KServe V2 gRPC. Other gRPC methods (health, metadata) are not inference.
+- `POST /v2/models/{m}[/versions/{v}]/infer`: KServe V2 REST (JSON or binary extension).
+- `POST /v1/models/{m}[/versions/{v}|/labels/{l}]:predict`: TF Serving REST.
+- `POST .../v1/chat/completions`, `/v1/completions`, `/v1/embeddings`: OpenAI-style.
+Anything else is not model traffic: None.
+
+Garbage never raises: each adapter reports what did not decode in `error`, and a failure inside an
+adapter itself becomes an event whose `error` names the exception type only (exception texts can
+quote payload bytes, which may be PII). Counters (`adapter_counters()`) tell how often each case
+happened, for the agent's metrics.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+
+from infertap.agent.flows.records import Endpoint
+from infertap.agent.models import kserve_v2, openai, tfserving
+from infertap.agent.models.events import InferenceEvent
+from infertap.agent.protocols.messages import HttpExchange, HttpMessage
+
+Decoder = Callable[[HttpExchange, Endpoint], InferenceEvent]
+
+_lock = threading.Lock()
+_counters: Counter[str] = Counter()
+
+
+def _count(key: str) -> None:
+    with _lock:
+        _counters[key] += 1
+
+
+def adapter_counters() -> dict[str, int]:
+    """Counts since start: events by protocol, not_model, headers_unknown, decode_errors,
+    adapter_failures, request_truncated, response_truncated."""
+    with _lock:
+        return dict(_counters)
+
+
+def classify(request: HttpMessage) -> tuple[str, Decoder] | None:
+    """(protocol, decoder) for a request, or None when it is not a model call we decode."""
+    path = request.path.split("?", 1)[0]
+    if request.is_grpc:
+        if path in kserve_v2.GRPC_INFER_METHODS:
+            return kserve_v2.PROTOCOL_GRPC, kserve_v2.decode_grpc_exchange
+        return None
+    if request.method != "POST":
+        return None
+    if kserve_v2.parse_infer_path(path) is not None:
+        return kserve_v2.PROTOCOL_REST, kserve_v2.decode_rest_exchange
+    if tfserving.parse_predict_path(path) is not None:
+        return tfserving.PROTOCOL, tfserving.decode_exchange
+    if openai.is_openai_path(path):
+        return openai.PROTOCOL, openai.decode_exchange
+    return None
+
+
+def to_inference_event(
+    exchange: HttpExchange,
+    service: Endpoint,
+    client_cgroup: int = 0,
+    server_cgroup: int = 0,
+) -> InferenceEvent | None:
+    """The model call in an exchange, or None for traffic that is not a model call."""
+    req = exchange.request
+    if req.headers_unknown:
+        # HPACK state was lost: path and content-type cannot be trusted, so the call cannot be
+        # told apart from other traffic. Counted so the gap is visible.
+        _count("headers_unknown")
+        return None
+    try:
+        kind = classify(req)
+    except Exception:
+        _count("adapter_failures")
+        return None
+    if kind is None:
+        _count("not_model")
+        return None
+    protocol, decode = kind
+    try:
+        event = decode(exchange, service)
+    except Exception as exc:  # an adapter bug must not take the sample path down
+        _count("adapter_failures")
+        event = InferenceEvent(
+            service=service,
+            model="",
+            version="",
+            protocol=protocol,
+            ts_ns=req.ts_ns,
+            error=f"adapter failure: {type(exc).__name__}",
+            request_truncated=req.body_truncated,
+        )
+    event.client_cgroup = client_cgroup
+    event.server_cgroup = server_cgroup
+    event.latency_ns = exchange.latency_ns
+    event.endpoint = req.path.split("?", 1)[0]
+    event.payload_bytes = req.content_length if req.content_length >= 0 else len(req.body)
+    _count(f"events_{protocol}")
+    if event.error:
+        _count("decode_errors")
+    if event.request_truncated:
+        _count("request_truncated")
+    if event.response_truncated:
+        _count("response_truncated")
+    return event
