@@ -471,6 +471,8 @@ class PiiScanner:
         out: list[Finding] = []
         for i, text in enumerate(event.texts):
             out.extend(self.scan_text_findings(text, model, f"$.texts[{i}]"))
+        for i, text in enumerate(event.output_texts):
+            out.extend(self.scan_text_findings(text, model, f"$.output_texts[{i}]"))
         for side, tensors in (("inputs", event.inputs), ("outputs", event.outputs)):
             for name, arr in tensors.items():
                 base = f"$.{side}" + self._key_component(name, self.scan_text(name))

@@ -1,0 +1,315 @@
+"""Online feature drift: live values over a sliding window against the training baseline.
+
+Per feature, the last `window` values (count-based) are compared with the baseline:
+- PSI over the baseline's histogram bins (empty bins floored at `epsilon`, the usual practice,
+  so one empty bin does not make PSI infinite);
+- the two-sample Kolmogorov-Smirnov statistic against the baseline's quantile sketch, which
+  stands in for the training sample (error about 1/len(sketch));
+- the Jensen-Shannon distance (base 2, so in [0, 1]) over the same bins.
+Categorical features get PSI and JS over the baseline's categories plus an "other" bucket.
+
+A feature is judged once its window holds `min_samples` values, then again after every
+`evaluate_every` new values. A Finding is produced whenever a (feature, statistic) pair changes
+level: up to warn or alert, or back under its thresholds (severity "info"). `current()` and
+`metrics()` expose the latest values for export (metric infertap_feature_drift{model,feature,
+stat}). Everything per value is numpy; Python loops run over features, never values.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from infertap.agent.inspect.baseline import (
+    Baseline,
+    CategoricalFeature,
+    NumericFeature,
+    bin_counts,
+)
+from infertap.agent.inspect.features import extract_features
+from infertap.agent.inspect.findings import Finding, Severity
+from infertap.agent.models.events import InferenceEvent
+
+STATS: Final = ("psi", "ks", "js")
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    warn: float
+    alert: float
+
+
+DEFAULT_THRESHOLDS: Final[Mapping[str, Thresholds]] = {
+    "psi": Thresholds(0.1, 0.25),
+    # KS and JS: under no drift, with windows of a few hundred values, both stay well below 0.2.
+    "ks": Thresholds(0.2, 0.3),
+    "js": Thresholds(0.2, 0.3),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DriftConfig:
+    window: int = 500
+    min_samples: int | None = None  # values a window needs before it is judged; default window
+    evaluate_every: int | None = None  # new values between judgements; default window // 10
+    thresholds: Mapping[str, Thresholds] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    epsilon: float = 1e-4  # PSI floor for empty bins
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if self.window < 2:
+            problems.append(f"window must be >= 2, not {self.window}")
+        if self.min_samples is not None and not 1 <= self.min_samples <= self.window:
+            problems.append(f"min_samples must be in [1, window], not {self.min_samples}")
+        if self.evaluate_every is not None and self.evaluate_every < 1:
+            problems.append(f"evaluate_every must be >= 1, not {self.evaluate_every}")
+        for stat, t in self.thresholds.items():
+            if stat not in STATS:
+                problems.append(f"unknown statistic {stat!r} (known: {', '.join(STATS)})")
+            elif not 0 <= t.warn <= t.alert:
+                problems.append(f"{stat}: needs 0 <= warn <= alert, not {t.warn}, {t.alert}")
+        if not 0 < self.epsilon < 1:
+            problems.append(f"epsilon must be in (0, 1), not {self.epsilon}")
+        if problems:
+            raise ValueError("bad drift config: " + "; ".join(problems))
+
+    @property
+    def min_n(self) -> int:
+        return self.window if self.min_samples is None else self.min_samples
+
+    @property
+    def every(self) -> int:
+        return max(1, self.window // 10) if self.evaluate_every is None else self.evaluate_every
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureDrift:
+    feature: str
+    n: int  # values in the window when judged
+    psi: float | None
+    ks: float | None  # None for categorical features
+    js: float | None
+    severity: Severity | None  # highest level crossed by any statistic; None within thresholds
+
+    def stats(self) -> dict[str, float]:
+        out = {"psi": self.psi, "ks": self.ks, "js": self.js}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+# --- statistics ----------------------------------------------------------------------------------
+
+
+def psi(expected: npt.ArrayLike, actual: npt.ArrayLike, epsilon: float = 1e-4) -> float:
+    """Population stability index between two count (or proportion) vectors over the same bins."""
+    e = np.asarray(expected, dtype=np.float64)
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.maximum(e / e.sum(), epsilon)
+    a = np.maximum(a / a.sum(), epsilon)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def ks_statistic(reference: npt.ArrayLike, sample: npt.ArrayLike) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two ECDFs."""
+    r = np.sort(np.asarray(reference, dtype=np.float64))
+    s = np.sort(np.asarray(sample, dtype=np.float64))
+    points = np.concatenate([r, s])
+    cdf_r = np.searchsorted(r, points, side="right") / len(r)
+    cdf_s = np.searchsorted(s, points, side="right") / len(s)
+    return float(np.max(np.abs(cdf_r - cdf_s)))
+
+
+def js_distance(p: npt.ArrayLike, q: npt.ArrayLike) -> float:
+    """Jensen-Shannon distance (base 2, in [0, 1]) between two count vectors over the same bins."""
+    pp = np.asarray(p, dtype=np.float64)
+    qq = np.asarray(q, dtype=np.float64)
+    pp, qq = pp / pp.sum(), qq / qq.sum()
+    m = (pp + qq) / 2
+
+    def kl(x: npt.NDArray[np.float64]) -> float:
+        nz = x > 0  # 0 * log(0 / m) is 0; and m > 0 wherever x > 0
+        return float(np.sum(x[nz] * np.log2(x[nz] / m[nz])))
+
+    return float(np.sqrt(max((kl(pp) + kl(qq)) / 2, 0.0)))
+
+
+# --- windows -------------------------------------------------------------------------------------
+
+
+class _Window:
+    """The last `size` values of one feature, in a ring buffer."""
+
+    def __init__(self, size: int, dtype: type[np.generic]) -> None:
+        self.buf = np.zeros(size, dtype=dtype)
+        self.size = size
+        self.pos = 0
+        self.n = 0
+        self.fresh = 0  # values added since the last judgement
+
+    def extend(self, values: npt.NDArray[Any]) -> None:
+        k = len(values)
+        self.fresh += k
+        if k >= self.size:
+            self.buf[:] = values[-self.size :]
+            self.pos, self.n = 0, self.size
+            return
+        first = min(k, self.size - self.pos)
+        self.buf[self.pos : self.pos + first] = values[:first]
+        self.buf[: k - first] = values[first:]
+        self.pos = (self.pos + k) % self.size
+        self.n = min(self.size, self.n + k)
+
+    def values(self) -> npt.NDArray[Any]:
+        return self.buf[: self.n] if self.n < self.size else self.buf
+
+
+class _NumericTracker:
+    def __init__(self, f: NumericFeature, window: int) -> None:
+        self.edges = np.asarray(f.edges, dtype=np.float64)
+        self.expected = np.asarray(f.counts, dtype=np.float64)
+        self.sketch = np.asarray(f.quantiles, dtype=np.float64)
+        self.window = _Window(window, np.float64)
+
+    def add(self, values: npt.NDArray[Any]) -> int:
+        """Add finite values; returns how many were dropped as NaN/inf."""
+        v = np.asarray(values, dtype=np.float64)
+        finite = v[np.isfinite(v)]
+        self.window.extend(finite)
+        return len(v) - len(finite)
+
+    def judge(self, epsilon: float) -> tuple[float | None, float | None, float | None]:
+        w = self.window.values()
+        actual = bin_counts(self.edges, w)
+        ks = ks_statistic(self.sketch, w) if len(self.sketch) else None
+        return psi(self.expected, actual, epsilon), ks, js_distance(self.expected, actual)
+
+
+class _CategoricalTracker:
+    def __init__(self, f: CategoricalFeature, window: int) -> None:
+        order = np.argsort(np.array(f.categories, dtype=str))
+        self.sorted = np.array(f.categories, dtype=str)[order]
+        self.codes = order  # sorted position -> index in the baseline's categories
+        self.other = len(f.categories)  # code of the "other" bucket
+        self.expected = np.asarray([*f.counts, f.other_count], dtype=np.float64)
+        self.window = _Window(window, np.int64)
+
+    def add(self, values: npt.NDArray[Any]) -> int:
+        v = np.asarray(values).astype(str)
+        codes = np.full(len(v), self.other, dtype=np.int64)
+        if len(self.sorted):
+            i = np.minimum(np.searchsorted(self.sorted, v), len(self.sorted) - 1)
+            hit = self.sorted[i] == v
+            codes[hit] = self.codes[i[hit]]
+        self.window.extend(codes)
+        return 0
+
+    def judge(self, epsilon: float) -> tuple[float | None, float | None, float | None]:
+        actual = np.bincount(self.window.values(), minlength=self.other + 1)
+        return psi(self.expected, actual, epsilon), None, js_distance(self.expected, actual)
+
+
+# --- monitor -------------------------------------------------------------------------------------
+
+
+class DriftMonitor:
+    """Feeds InferenceEvents (or ready columns) through per-feature windows; see module doc."""
+
+    def __init__(self, baseline: Baseline, config: DriftConfig | None = None) -> None:
+        self.baseline = baseline
+        self.config = config or DriftConfig()
+        self._trackers: dict[str, _NumericTracker | _CategoricalTracker] = {}
+        for f in baseline.features:
+            if isinstance(f, NumericFeature):
+                if f.edges or f.finite:  # a feature with no finite training value cannot drift
+                    self._trackers[f.name] = _NumericTracker(f, self.config.window)
+            else:
+                self._trackers[f.name] = _CategoricalTracker(f, self.config.window)
+        self._current: dict[str, FeatureDrift] = {}
+        self._levels: dict[tuple[str, str], Severity | None] = {}
+        self.skipped: Counter[str] = Counter()  # reason -> count (events or values)
+
+    @property
+    def model(self) -> str:
+        return self.baseline.model
+
+    def observe(self, event: InferenceEvent) -> list[Finding]:
+        """Add an event's feature values; returns findings for levels that changed."""
+        cols = extract_features(event, self.baseline)
+        for p in cols.problems:
+            self.skipped[p.type] += 1
+        if not cols.columns:
+            self.skipped["event_without_features"] += 1
+            return []
+        return self.observe_columns(cols.columns)
+
+    def observe_columns(self, columns: Mapping[str, npt.ArrayLike]) -> list[Finding]:
+        """Add 1-D values per feature name (unknown names are counted and ignored)."""
+        findings: list[Finding] = []
+        for name, values in columns.items():
+            tracker = self._trackers.get(name)
+            if tracker is None:
+                self.skipped["unknown_feature"] += 1
+                continue
+            dropped = tracker.add(np.ravel(np.asarray(values)))
+            if dropped:
+                self.skipped["nonfinite_value"] += dropped
+            w = tracker.window
+            if w.n >= self.config.min_n and w.fresh >= self.config.every:
+                w.fresh = 0
+                findings.extend(self._judge(name, tracker))
+        return findings
+
+    def _judge(self, name: str, tracker: _NumericTracker | _CategoricalTracker) -> list[Finding]:
+        n = tracker.window.n
+        values = dict(zip(STATS, tracker.judge(self.config.epsilon), strict=True))
+        findings: list[Finding] = []
+        worst: Severity | None = None
+        for stat, value in values.items():
+            t = self.config.thresholds.get(stat)
+            if value is None or t is None:
+                continue
+            level: Severity | None = (
+                "alert" if value >= t.alert else "warn" if value >= t.warn else None
+            )
+            if level == "alert" or (level == "warn" and worst is None):
+                worst = level
+            before = self._levels.get((name, stat))
+            if level == before:
+                continue
+            self._levels[(name, stat)] = level
+            if level is None:
+                msg = f"{stat} {value:.3f} back under warn {t.warn:g} over the last {n} values"
+            else:
+                limit = t.alert if level == "alert" else t.warn
+                msg = f"{stat} {value:.3f} >= {level} {limit:g} over the last {n} values"
+            findings.append(
+                Finding(
+                    kind="drift",
+                    model=self.model,
+                    type=stat,
+                    location=name,
+                    severity=level or "info",
+                    value=value,
+                    message=msg,
+                )
+            )
+        self._current[name] = FeatureDrift(
+            name, n, values["psi"], values["ks"], values["js"], worst
+        )
+        return findings
+
+    def current(self) -> dict[str, FeatureDrift]:
+        """The latest judgement per feature (features not judged yet are absent)."""
+        return dict(self._current)
+
+    def metrics(self) -> dict[tuple[str, str], float]:
+        """(feature, stat) -> latest value: the infertap_feature_drift gauge for this model."""
+        return {
+            (name, stat): value
+            for name, fd in self._current.items()
+            for stat, value in fd.stats().items()
+        }
