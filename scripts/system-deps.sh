@@ -13,6 +13,7 @@ packages=(
   python3-dev
   iproute2               # ip netns, for test pods
   iptables               # tests assert that infertap leaves the nat table alone
+  ruby                   # tests/test_manifests.py checks the Vagrantfile with `ruby -c`
 )
 if [ "${1:-}" = "bench" ]; then
   packages+=(sockperf iperf3 haproxy)

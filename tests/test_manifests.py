@@ -191,6 +191,25 @@ def test_every_object_validates_strictly(
         kubernetes_validate.validate(obj, version, strict=True)
 
 
+def test_demo_workloads_validate_strictly() -> None:
+    objs = [o for o in yaml.safe_load_all((DAEMONSET / "demo" / "workloads.yaml").read_text()) if o]
+    assert [o["kind"] for o in objs] == [
+        "Namespace",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "Deployment",
+    ]
+    for obj in objs:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[-1], strict=True)
+    for source in objs[1]["data"].values():
+        compile(source, "demo", "exec")  # the scripts the demo pods run are Python
+    # The policy's namespace selector picks the demo namespace.
+    policy = yaml.safe_load((BASE / "policy.yaml").read_text())
+    wanted = policy["discovery"]["namespaceSelector"]["matchLabels"]
+    assert wanted.items() <= objs[0]["metadata"]["labels"].items()
+
+
 def test_strict_validation_catches_a_typo(base: list[Obj]) -> None:
     broken = copy.deepcopy(by_kind(base, "DaemonSet"))
     broken["spec"]["template"]["spec"]["hostPid"] = True
