@@ -31,12 +31,20 @@ class HttpMessage:
     content_length: int = -1  # -1 when not given
     stream_id: int = 0  # HTTP/2 stream id; 0 for HTTP/1
     grpc_messages: list[bytes] = field(default_factory=list)  # de-framed, decompressed
+    trailers_unknown: bool = False  # HTTP/2: the trailer block came after HPACK state was lost
 
     def header(self, name: str) -> str | None:
         """The first value of a header (name lower-case), or None."""
         for k, v in self.headers:
             if k == name:
                 return v
+        return None
+
+    def grpc_status(self) -> int | None:
+        """gRPC status from the trailers (or the headers of a trailers-only response)."""
+        for k, v in (*self.trailers, *self.headers):
+            if k == "grpc-status":
+                return int(v) if v.isdigit() else None
         return None
 
     @property
