@@ -80,6 +80,8 @@ _CONTENTS_FIELD = {
     "BYTES": "bytes_contents",
 }
 
+MAX_DIMS = 64  # numpy's limit on ndim
+
 _REST_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 
 _GRPC_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
@@ -122,6 +124,8 @@ def element_count(shape: object) -> tuple[list[int], int]:
     """Validate a shape (a list of non-negative ints) and return it with its element count."""
     if not isinstance(shape, list | tuple):
         raise V2DecodeError("shape is not a list")
+    if len(shape) > MAX_DIMS:
+        raise V2DecodeError("shape has more dimensions than numpy supports")
     dims: list[int] = []
     for d in shape:
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:

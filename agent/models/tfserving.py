@@ -38,6 +38,7 @@ _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _NEG_NAN = re.compile(r"-NaN\b")
 _INF = re.compile(r"(-?)Inf(?!inity)\b")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+MAX_DIMS = 64  # numpy's limit on ndim
 
 
 class TfDecodeError(ValueError):
@@ -102,7 +103,12 @@ def _shape_and_leaves(value: Any) -> tuple[list[int], list[Any]]:
 
 def to_array(value: Any) -> tuple[npt.NDArray[Any], str, list[str]]:
     """(array, inferred datatype, text strings) of a JSON tensor value."""
-    shape, leaves = _shape_and_leaves(value)
+    try:
+        shape, leaves = _shape_and_leaves(value)
+    except RecursionError as exc:
+        raise TfDecodeError("value nests too deeply") from exc
+    if len(shape) > MAX_DIMS:
+        raise TfDecodeError("value has more dimensions than numpy supports")
     texts: list[str] = []
     if all(isinstance(v, bool) for v in leaves) and leaves:
         return np.array(leaves, dtype=np.bool_).reshape(shape), "BOOL", texts
