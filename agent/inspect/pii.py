@@ -72,13 +72,13 @@ _PATTERNS: Final[Mapping[str, str]] = {
         r"(?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?:%[\w-]{1,16})?(?![\w:]|\.\d)"
     ),
     IPV4: r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?!\w|\.\d)",
-    # 13-19 digits starting 2-6 (the issuer ranges in use), spaces or dashes allowed.
-    CREDIT_CARD: r"(?<![\w.,-])[2-6]\d{3}(?:[ -]?\d){9,15}(?!\w|[ -]?\d)",
-    SSN: r"(?<![\w.,-])\d{3}(?P<ssn_sep>[- ])\d{2}(?P=ssn_sep)\d{4}(?!\w|[- ]\d)",
+    # 13-19 digits starting 1-6 (the issuer ranges in use), spaces or dashes allowed.
+    CREDIT_CARD: r"(?<![\w.,-])[1-6]\d{3}(?:[ -]?\d){9,15}(?!\w|-?\d)",
+    SSN: r"(?<![\w.,-])\d{3}(?P<ssn_sep>[- ])\d{2}(?P=ssn_sep)\d{4}(?!\w|-\d)",
     # International (+CC or 00CC, an optional "(0)" trunk), an optional area code in parentheses,
     # digit groups with single separators, and an optional extension. _valid_phone decides.
     PHONE: (
-        r"(?<![\w+(.,/-])(?:(?:\+|\b00)\d{1,3}[ .-]?(?:\(0\)[ .-]?)?)?(?:\(\d{1,5}\)[ .-]?)?"
+        r"(?<![\w+.,/-])(?:(?:\+|\b00)\d{1,3}[ .-]?(?:\(0\)[ .-]?)?)?(?:\(\d{1,5}\)[ .-]?)?"
         r"\d+(?:[ .-]\d+){0,6}(?:[ ]?(?:x|ext\.?|\#)[ ]?\d{1,6})?(?!\w|[.-]?\d)"
     ),
 }
@@ -101,10 +101,28 @@ _COMBINED: Final = re.compile("|".join(f"(?P<{t}>{_PATTERNS[t]})" for t in BUILT
 _SINGLE: Final[Mapping[str, re.Pattern[str]]] = {t: re.compile(p) for t, p in _PATTERNS.items()}
 _DIGITS: Final = re.compile(r"\d")
 _EXTENSION: Final = re.compile(r"[ ]?(?:x|ext\.?|#)[ ]?\d{1,6}$")
+_DATE: Final = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}\b|\d{1,2}[-./]\d{1,2}[-./]\d{4}\b")
+_NOT_PHONE: Final = re.compile(r"\d{3}-\d{2}-\d{4}|\d{5}-\d{4}")
+_TOKEN: Final = re.compile(r"[^\s,;:!?)\]}'\"]*")
 _IDENT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 # --- validators: candidate text -> normalised value (for the fingerprint), or None ---------------
+
+
+_NUMBER_TYPES: Final = frozenset({CREDIT_CARD, SSN, PHONE})
+
+
+def _after_digit_group(text: str, pos: int) -> bool:
+    """True when `pos` follows a plain group of digits and a space ("4546 8698 3066 0"): a
+    card, SSN or phone number starting here would be the tail of a longer run of numbers."""
+    if pos < 2 or text[pos - 1] != " " or not text[pos - 2].isdigit():
+        return False
+    j = pos - 2
+    while j > 0 and text[j - 1].isdigit():
+        j -= 1
+    # A group glued to a letter or number punctuation ("v2", "0.5", "+44") is another token.
+    return j == 0 or not (text[j - 1].isalnum() or text[j - 1] in ".,-/:+_")
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -186,24 +204,27 @@ def _valid_email(s: str) -> str | None:
 def _valid_phone(s: str) -> str | None:
     body = _EXTENSION.sub("", s)
     digits = "".join(_DIGITS.findall(body))
-    international = body.startswith(("+", "00"))
-    if international:
-        # "(0)" is the national trunk prefix written inside an international number: not dialled.
-        n = len(digits) - (1 if "(0)" in body else 0)
-        return digits if 8 <= n <= 15 else None
-    if not 9 <= len(digits) <= 12:
-        return None
+    if _NOT_PHONE.fullmatch(body):
+        return None  # SSN-shaped (an invalid SSN is still no phone number) or a ZIP+4 code
+    # "(0)" is the national trunk prefix written inside an international number: not dialled.
+    n = len(digits) - (1 if "(0)" in body else 0)
+    if body.startswith("+"):
+        return digits if 8 <= n <= 15 else None  # E.164: country code + subscriber, <= 15
     seps = [c for c in body if c in " .-"]
     if not seps and "(" not in body:
-        return None  # a bare run of digits is a number, not a phone number
+        return None  # without "+", a bare run of digits is a number, not a phone number
+    if body.startswith("00"):
+        return digits if 10 <= n <= 17 else None  # "00" + an E.164 number of at least 8 digits
+    if not 9 <= len(digits) <= 12:
+        return None
     groups = re.split(r"[ .\-()]+", body.strip("()"))
     groups = [g for g in groups if g]
     if set(seps) == {"."} and [len(g) for g in groups] != [3, 3, 4]:
         return None  # dotted: only the North American 3.3.4 form (not floats, versions, IPs)
     if set(seps) == {" "} and all(len(g) == 3 for g in groups[1:]) and len(groups[0]) <= 3:
         return None  # "12 345 678": a number with thousands separators
-    if set(seps) == {"-"} and len(groups) == 3 and [len(g) for g in groups][1:] in ([2, 2], [2, 4]):
-        return None  # dates (2024-01-15) and SSN-shaped numbers
+    if _DATE.match(body):
+        return None  # 2024-01-15, 15.01.2024, 01-15-2024 (and whatever follows them)
     return digits
 
 
@@ -339,20 +360,23 @@ class PiiScanner:
         return out
 
     def _scan_builtin(self, text: str) -> Iterator[PiiMatch]:
-        covered = 0  # end of the last accepted match: a fallback match may run past a candidate
-        for m in _COMBINED.finditer(text):
-            if m.start() < covered:
-                continue
+        pos = 0
+        while (m := _COMBINED.search(text, pos)) is not None:
             kind = m.lastgroup
             assert kind is not None
             found = self._validate_at(text, m.start(), BUILTIN_TYPES.index(kind))
             if found is not None:
-                covered = found.end
                 yield found
+                pos = found.end
+            else:
+                # The rejected candidate may have swallowed a real value after it ("0.5 123-45-
+                # 6789"): search again from the next position; the lookbehinds keep that cheap.
+                pos = m.start() + 1
 
     def _validate_at(self, text: str, pos: int, first: int) -> PiiMatch | None:
+        in_digit_run = _after_digit_group(text, pos)
         for kind in BUILTIN_TYPES[first:]:
-            if kind not in self._types:
+            if kind not in self._types or (in_digit_run and kind in _NUMBER_TYPES):
                 continue
             m = _SINGLE[kind].match(text, pos)
             if m is None:
@@ -363,7 +387,21 @@ class PiiScanner:
                 if cut is None:
                     continue
                 raw = raw[:cut]
-            norm = _VALIDATORS[kind](raw)
+            validate = _VALIDATORS[kind]
+            norm = validate(raw)
+            if norm is None and kind in (CREDIT_CARD, PHONE):
+                # Digit groups run on across spaces into the next token ("4111 1111 1111 1111
+                # 12/27", "415-555-2671 0.5"): try the candidate cut at a space, longest first,
+                # but only before a token of another shape (a plain number may be one more group).
+                for cut in (i for i in range(len(raw) - 1, 0, -1) if raw[i] == " "):
+                    nxt = _TOKEN.match(text, pos + cut + 1)
+                    if nxt is not None and nxt.group(0).isdigit():
+                        continue
+                    if _SINGLE[kind].fullmatch(text, pos, pos + cut):
+                        norm = validate(raw[:cut])
+                        if norm is not None:
+                            raw = raw[:cut]
+                            break
             if norm is not None:
                 end = pos + len(raw)
                 return PiiMatch(kind, pos, end, _redact(kind, raw), self.fingerprint(kind, norm))
