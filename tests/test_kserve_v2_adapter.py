@@ -782,3 +782,45 @@ def test_raw_binary_request_without_json_header() -> None:
     ex.request.headers = [("inference-header-content-length", "0")]
     ev = _event(ex)
     assert ev.inputs == {} and "input name unknown" in ev.error
+
+
+def test_grpc_stream_infer_first_message() -> None:
+    """ModelStreamInfer: the first request and response messages are decoded."""
+    req = service_pb2.ModelInferRequest(model_name="echo", model_version="1", id="s1")
+    t = req.inputs.add(name="fp32", datatype="FP32", shape=list(FP32.shape))
+    req.raw_input_contents.append(kserve_v2.encode_raw_tensor("FP32", FP32))
+    out = service_pb2.ModelStreamInferResponse()
+    o = out.infer_response.outputs.add(name="fp32", datatype="FP32", shape=list(FP32.shape))
+    out.infer_response.raw_output_contents.append(kserve_v2.encode_raw_tensor("FP32", FP32))
+    assert t.name == o.name
+    ex = _bare("/inference.GRPCInferenceService/ModelStreamInfer", b"", "h2", True)
+    ex.request.grpc_messages = [req.SerializeToString(), b"second message ignored"]
+    assert ex.response is not None
+    ex.response.grpc_messages = [out.SerializeToString()]
+    ev = _event(ex)
+    assert (ev.model, ev.version, ev.request_id, ev.status, ev.error) == (
+        "echo",
+        "1",
+        "s1",
+        "ok",
+        "",
+    )
+    assert_exact(ev.inputs["fp32"], FP32)
+    assert_exact(ev.outputs["fp32"], FP32)
+    out.error_message = "model failed"
+    ex.response.grpc_messages = [out.SerializeToString()]
+    assert _event(ex).error == "model failed"
+
+
+def test_grpc_body_deframed_when_wire_layer_did_not() -> None:
+    req = service_pb2.ModelInferRequest(model_name="echo")
+    req.inputs.add(name="i", datatype="INT64", shape=[4])
+    req.raw_input_contents.append(kserve_v2.encode_raw_tensor("INT64", INT64))
+    data = req.SerializeToString()
+    ex = _bare("/inference.GRPCInferenceService/ModelInfer", b"", "h2", True)
+    ex.request.grpc_messages = []
+    ex.request.body = struct.pack(">BI", 0, len(data)) + data
+    assert_exact(_event(ex).inputs["i"], INT64)
+    ex.request.body = struct.pack(">BI", 1, len(data)) + data  # compressed, not decompressed
+    ev = _event(ex)
+    assert ev.inputs == {} and "compressed" in ev.error
