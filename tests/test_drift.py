@@ -1,0 +1,288 @@
+"""Drift statistics against scipy and direct formulas, the sliding window, findings on level
+changes, and detection on a real data set (scikit-learn's breast cancer data, shipped with it)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from scipy.spatial.distance import jensenshannon  # type: ignore[import-untyped]
+from scipy.stats import ks_2samp  # type: ignore[import-untyped]
+from sklearn.datasets import load_breast_cancer  # type: ignore[import-untyped]
+from sklearn.model_selection import train_test_split  # type: ignore[import-untyped]
+
+from infertap.agent.flows.records import Endpoint
+from infertap.agent.inspect.baseline import Baseline, NumericFeature, bin_counts, build_baseline
+from infertap.agent.inspect.drift import (
+    DriftConfig,
+    DriftMonitor,
+    Thresholds,
+    js_distance,
+    ks_statistic,
+    psi,
+)
+from infertap.agent.inspect.findings import Finding
+from infertap.agent.models.events import InferenceEvent
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def _event(inputs: dict[str, npt.NDArray[Any]], model: str = "m") -> InferenceEvent:
+    return InferenceEvent(
+        service=Endpoint("10.0.0.2", 8000),
+        model=model,
+        version="",
+        protocol="kserve-v2-rest",
+        ts_ns=0,
+        inputs=inputs,
+    )
+
+
+def _psi_direct(expected: list[int], actual: list[int], eps: float) -> float:
+    """PSI written out bin by bin, as a textbook gives it."""
+    te, ta = sum(expected), sum(actual)
+    total = 0.0
+    for e_count, a_count in zip(expected, actual, strict=True):
+        e = max(e_count / te, eps)
+        a = max(a_count / ta, eps)
+        total += (a - e) * math.log(a / e)
+    return total
+
+
+def _bins_direct(edges: list[float], values: list[float]) -> list[int]:
+    """Open-ended bins (-inf, e0], (e0, e1], ..., (e_last, inf), one value at a time."""
+    counts = [0] * (len(edges) + 1)
+    for v in values:
+        i = 0
+        while i < len(edges) and v > edges[i]:
+            i += 1
+        counts[i] += 1
+    return counts
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ks_matches_scipy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    cases = [
+        (rng.normal(size=700), rng.normal(0.3, 1.2, size=300)),
+        (rng.integers(0, 5, size=500).astype(float), rng.integers(0, 6, size=200).astype(float)),
+        (rng.exponential(size=50), rng.exponential(size=1000)),
+    ]
+    for ref, sample in cases:
+        ours = ks_statistic(ref, sample)
+        theirs = float(ks_2samp(ref, sample).statistic)
+        assert ours == pytest.approx(theirs, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_js_matches_scipy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    p = rng.integers(0, 50, size=12).astype(float)
+    q = rng.integers(0, 50, size=12).astype(float)
+    p[3] = 0  # empty bins on one side, then on both
+    q[5] = 0
+    p[7] = q[7] = 0
+    ours = js_distance(p, q)
+    theirs = float(jensenshannon(p, q, base=2))
+    assert ours == pytest.approx(theirs, abs=1e-12)
+    assert js_distance(p, p) == pytest.approx(0.0, abs=1e-12)
+    assert js_distance([1, 0], [0, 1]) == pytest.approx(1.0)
+
+
+def test_psi_and_bins_match_direct_formula(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    train = rng.normal(10, 2, size=5000)
+    np.save(tmp_path / "t.npy", train)
+    b = build_baseline(tmp_path / "t.npy", "m", tmp_path / "b.json", features=["x"])
+    f = b.feature("x")
+    assert isinstance(f, NumericFeature)
+    live = rng.normal(11, 2.5, size=400)
+    live[:3] = [-100.0, 100.0, f.edges[0]]  # both open ends, and a value exactly on an edge
+    ours_bins = bin_counts(f.edges, live)
+    assert ours_bins.tolist() == _bins_direct(list(f.edges), live.tolist())
+    assert list(f.counts) == _bins_direct(list(f.edges), train.tolist())
+    ours = psi(f.counts, ours_bins, 1e-4)
+    assert ours == pytest.approx(_psi_direct(list(f.counts), ours_bins.tolist(), 1e-4), rel=1e-12)
+    # An empty bin is floored at epsilon, not infinite.
+    assert math.isfinite(psi([10, 10, 0], [0, 10, 10]))
+
+
+def _monitor_for(
+    train: FloatArray, tmp_path: Path, names: list[str], **cfg: Any
+) -> tuple[Baseline, DriftMonitor]:
+    np.save(tmp_path / "train.npy", train)
+    b = build_baseline(tmp_path / "train.npy", "m", tmp_path / "b.json", features=names)
+    return b, DriftMonitor(Baseline.load(tmp_path / "b.json"), DriftConfig(**cfg))
+
+
+def test_monitor_values_match_scipy_on_the_window(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    train = rng.normal(size=(4000, 2))
+    b, mon = _monitor_for(train, tmp_path, ["a", "b"], window=300)
+    stream = np.column_stack([rng.normal(0.5, 1.0, 1000), rng.normal(size=1000)])
+    for i in range(0, 1000, 50):
+        mon.observe(_event({"x": stream[i : i + 50]}))
+    window = stream[-300:, 0]  # the ring buffer holds the last 300 values
+    fd = mon.current()["a"]
+    fa = b.feature("a")
+    assert isinstance(fa, NumericFeature)
+    counts = bin_counts(fa.edges, window)
+    assert fd.n == 300
+    assert fd.psi == pytest.approx(_psi_direct(list(fa.counts), counts.tolist(), 1e-4), rel=1e-12)
+    assert fd.js == pytest.approx(float(jensenshannon(fa.counts, counts, base=2)), abs=1e-12)
+    # KS runs against the 101-point quantile sketch, standing in for the 4000 training values.
+    full = float(ks_2samp(train[:, 0], window).statistic)
+    assert fd.ks is not None and abs(fd.ks - full) < 0.015, (fd.ks, full)
+    assert fd.ks > 0.15 and fd.severity is not None  # a half-sigma shift is visible...
+    assert mon.current()["b"].severity is None  # ...and the untouched feature is quiet
+    assert set(mon.metrics()) == {(n, s) for n in ("a", "b") for s in ("psi", "ks", "js")}
+
+
+def test_findings_on_level_changes_only(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    train = rng.normal(size=(5000, 1))
+    _, mon = _monitor_for(train, tmp_path, ["x"], window=200, evaluate_every=50)
+
+    def feed(values: FloatArray) -> list[Finding]:
+        out: list[Finding] = []
+        for i in range(0, len(values), 25):
+            out += mon.observe(_event({"x": values[i : i + 25]}))
+        return out
+
+    assert feed(rng.normal(size=400)) == []  # quiet while in distribution
+    up = feed(rng.normal(3.0, 1.0, size=400))
+    # As the window fills with shifted values a statistic may pass warn on its way to alert, but
+    # it is reported once per level, not once per evaluation.
+    last = {f.type: f.severity for f in up}
+    assert last == {"psi": "alert", "ks": "alert", "js": "alert"}
+    assert all(f.kind == "drift" and f.location == "x" and f.value for f in up)
+    assert len(up) <= 6 and len({(f.type, f.severity) for f in up}) == len(up)
+    down = feed(rng.normal(size=600))
+    assert {f.type: f.severity for f in down} == {"psi": "info", "ks": "info", "js": "info"}
+    assert mon.current()["x"].severity is None
+
+
+def test_window_judges_only_when_full_and_counts_skips(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    _, mon = _monitor_for(rng.normal(size=(1000, 2)), tmp_path, ["a", "b"], window=100)
+    mon.observe(_event({"a": rng.normal(5, 1, 98), "b": rng.normal(5, 1, 98)}))
+    assert mon.current() == {}  # 98 < window: nothing judged yet
+    findings = mon.observe(_event({"a": np.array([np.nan, 5.0]), "b": np.array([5.0, 5.0])}))
+    assert {f.location for f in findings} == {"b"}  # a: the NaN is dropped, 99 values
+    assert mon.skipped["nonfinite_value"] == 1
+    mon.observe(_event({"other": np.array([1.0])}))
+    mon.observe(_event({"a": np.array(["x", "y"], dtype=object)}))
+    assert mon.skipped["event_without_features"] == 2
+    assert mon.skipped["dtype"] == 1 and mon.skipped["missing"] >= 2
+
+
+def test_categorical_drift(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    csv = tmp_path / "t.csv"
+    colors = rng.choice(["red", "green", "blue"], p=[0.6, 0.3, 0.1], size=3000)
+    csv.write_text("color,v\n" + "".join(f"{c},{i % 7}\n" for i, c in enumerate(colors)))
+    b = build_baseline(csv, "m", tmp_path / "b.json")
+    mon = DriftMonitor(b, DriftConfig(window=300))
+    same = rng.choice(["red", "green", "blue"], p=[0.6, 0.3, 0.1], size=300)
+    assert mon.observe(_event({"color": np.array([c.encode() for c in same], dtype=object)})) == []
+    assert mon.current()["color"].ks is None  # no order among categories
+    quiet = mon.current()["color"].psi
+    assert quiet is not None and quiet < 0.05
+    new = rng.choice(["red", "purple"], size=300)  # unseen categories land in "other"
+    found = mon.observe(_event({"color": new.astype(object)}))
+    assert {(f.type, f.severity) for f in found} == {("psi", "alert"), ("js", "alert")}
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ValueError, match="window"):
+        DriftConfig(window=1)
+    with pytest.raises(ValueError, match="warn <= alert"):
+        DriftConfig(thresholds={"psi": Thresholds(0.3, 0.2)})
+    with pytest.raises(ValueError, match="unknown statistic"):
+        DriftConfig(thresholds={"chi2": Thresholds(1, 2)})
+
+
+# --- a real data set -----------------------------------------------------------------------------
+
+SHIFTED = ["mean radius", "worst texture"]
+WINDOW = 150
+
+
+@pytest.fixture(scope="module")
+def cancer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Baseline, FloatArray, list[str]]:
+    data = load_breast_cancer()
+    names = [str(n) for n in data.feature_names]
+    x_train, x_test = train_test_split(
+        data.data, test_size=0.33, random_state=0, stratify=data.target
+    )
+    d = tmp_path_factory.mktemp("cancer")
+    # Through the CSV path, as a user would hand it over.
+    header = ",".join(names)
+    np.savetxt(d / "train.csv", x_train, delimiter=",", header=header, comments="", fmt="%.10g")
+    b = build_baseline(d / "train.csv", "breast-cancer", d / "baseline.json")
+    assert b.rows == len(x_train) and b.feature_names == tuple(names)
+    return Baseline.load(d / "baseline.json"), np.asarray(x_test, dtype=np.float64), names
+
+
+def _feed_matrix(mon: DriftMonitor, rows: FloatArray, batch: int = 10) -> list[tuple[int, Finding]]:
+    """Feed rows as [batch, 30] tensors; returns (rows fed so far, finding) pairs."""
+    out: list[tuple[int, Finding]] = []
+    for i in range(0, len(rows), batch):
+        part = rows[i : i + batch].astype(np.float32)  # what a client sends as FP32
+        for f in mon.observe(_event({"input__0": part}, "breast-cancer")):
+            out.append((min(i + batch, len(rows)), f))
+    return out
+
+
+def test_real_data_unshifted_gives_no_alert(cancer: tuple[Baseline, FloatArray, list[str]]) -> None:
+    b, x_test, _ = cancer
+    mon = DriftMonitor(b, DriftConfig(window=WINDOW))
+    found = _feed_matrix(mon, x_test)
+    worst = max(fd.psi or 0.0 for fd in mon.current().values())
+    print(f"\nheld-out {len(x_test)} rows, window {WINDOW}: max PSI {worst:.3f}; findings:")
+    for n, f in found:
+        print(f"  after {n} rows: {f.location} {f.type}={f.value:.3f} {f.severity}")
+    assert len(mon.current()) == 30
+    assert [f for _, f in found if f.severity == "alert"] == []
+    assert worst < 0.25
+
+
+def test_real_data_shift_detected_within_one_window(
+    cancer: tuple[Baseline, FloatArray, list[str]],
+) -> None:
+    b, x_test, names = cancer
+    shifted = x_test.copy()
+    for name in SHIFTED:
+        feat = b.feature(name)
+        assert isinstance(feat, NumericFeature) and feat.std is not None
+        shifted[:, names.index(name)] += 2 * feat.std
+    mon = DriftMonitor(b, DriftConfig(window=WINDOW))
+    found = _feed_matrix(mon, shifted)
+    alerts = [(n, f) for n, f in found if f.severity == "alert"]
+    first: dict[str, int] = {}
+    for n, f in alerts:
+        first.setdefault(f.location, n)
+    print(f"\nshifted {SHIFTED} by +2 std: first alert after {first} rows (window {WINDOW})")
+    for name in SHIFTED:
+        fd = mon.current()[name]
+        print(f"  {name}: psi {fd.psi:.2f} ks {fd.ks:.2f} js {fd.js:.2f}")
+    assert set(first) == set(SHIFTED)  # exactly the shifted features, no others
+    assert all(n <= WINDOW for n in first.values())
+    assert {f.type for _, f in alerts} >= {"psi", "ks", "js"}
+
+
+def test_real_data_one_input_per_feature(cancer: tuple[Baseline, FloatArray, list[str]]) -> None:
+    b, x_test, names = cancer
+    shifted = x_test.copy()
+    j = names.index("mean smoothness")
+    shifted[:, j] += 2 * np.std(x_test[:, j])
+    mon = DriftMonitor(b, DriftConfig(window=WINDOW))
+    alerted: set[str] = set()
+    for i in range(0, WINDOW, 15):
+        inputs = {n: shifted[i : i + 15, k].reshape(-1, 1) for k, n in enumerate(names)}
+        alerted |= {f.location for f in mon.observe(_event(inputs)) if f.severity == "alert"}
+    assert alerted == {"mean smoothness"}
