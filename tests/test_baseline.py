@@ -216,7 +216,7 @@ def test_load_rejects_edits_versions_and_garbage(tmp_path: Path) -> None:
 
 
 def test_build_errors_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(BaselineError, match="unknown format '.xlsx'"):
+    with pytest.raises(BaselineError, match=r"unknown format '\.xlsx'"):
         build_baseline(tmp_path / "t.xlsx", "m", tmp_path / "o.json")
     with pytest.raises(BaselineError, match="no such file"):
         build_baseline(tmp_path / "nope.csv", "m", tmp_path / "o.json")
