@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import h2.config
 import h2.connection
+import h2.settings
 import h11
 
 from infertap.agent.flows.records import Endpoint, FlowInfo, Role, Sample
@@ -172,6 +173,7 @@ class H2Call:
     compress: bool = False
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
     stream_id: int = 0  # filled in by H2Wire
+    headers_send: int = -1  # index in H2Wire.client_sends of the send with the request HEADERS
 
 
 class H2Wire:
@@ -183,9 +185,11 @@ class H2Wire:
             h2.config.H2Configuration(client_side=False, header_encoding=None)
         )
         self.client.initiate_connection()
-        self.client.increment_flow_control_window(1 << 30)
         self.server.initiate_connection()
-        self.server.increment_flow_control_window(1 << 30)
+        # Big windows, so no test waits on flow control.
+        for conn in (self.client, self.server):
+            conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: (1 << 31) - 1})
+            conn.increment_flow_control_window(1 << 30)
         self.client_sends: list[bytes] = []
         self.server_sends: list[bytes] = []
         self._flush()
@@ -222,6 +226,7 @@ class H2Wire:
         if call.compress:
             headers.append(("grpc-encoding", "gzip"))
         self.client.send_headers(sid, headers, end_stream=end_stream)
+        call.headers_send = len(self.client_sends)
         self._flush()
 
     def request_body(self, call: H2Call) -> None:

@@ -635,14 +635,18 @@ class Http2Connection:
         if msg is None:
             return
         msg.end_ts_ns = max(msg.end_ts_ns, ts)
-        self._decode_body(msg, body)
+        # A response whose headers were lost is still gRPC when its request was: the stream's
+        # framing is the protocol's, not something read from the lost block.
+        peer = stream.request if direction is Direction.RESPONSE else stream.response
+        grpc = msg.is_grpc or (msg.headers_unknown and peer is not None and peer.is_grpc)
+        self._decode_body(msg, body, grpc)
 
-    def _decode_body(self, msg: HttpMessage, body: _Body) -> None:
+    def _decode_body(self, msg: HttpMessage, body: _Body, grpc_framed: bool) -> None:
         raw = b"".join(body.parts)
         body.parts = []
         if body.cut:
             msg.body_truncated = True
-        if msg.is_grpc:
+        if grpc_framed:
             msg.body = raw
             grpc = split_grpc_messages(
                 raw,
