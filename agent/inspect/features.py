@@ -59,6 +59,17 @@ def _as_float(v: Any) -> float:
     return float(v)
 
 
+def _element_dtype(a: npt.NDArray[Any]) -> np.dtype[Any]:
+    """The dtype of an object array's elements (an object matrix may mix int, float and str
+    columns), or the array's own dtype."""
+    if a.dtype.kind != "O" or a.size == 0:
+        return a.dtype
+    try:
+        return np.array(a.tolist()).dtype
+    except (ValueError, TypeError):
+        return a.dtype
+
+
 def _to_text(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
     flat = [
         bytes(v).decode("utf-8", errors="replace") if isinstance(v, bytes | np.bytes_) else str(v)
@@ -98,7 +109,7 @@ def extract_features(event: InferenceEvent, baseline: Baseline) -> FeatureColumn
         if isinstance(col, Problem):
             out.problems.append(col)
         else:
-            out.columns[f.name], out.dtypes[f.name] = col, a.dtype
+            out.columns[f.name], out.dtypes[f.name] = col, _element_dtype(a)
     if not unmapped:
         return out
 
@@ -127,5 +138,5 @@ def extract_features(event: InferenceEvent, baseline: Baseline) -> FeatureColumn
         if isinstance(col, Problem):
             out.problems.append(Problem(col.type, f.name, f"{name}[:, {j}]: {col.message}"))
         else:
-            out.columns[f.name], out.dtypes[f.name] = col, a.dtype
+            out.columns[f.name], out.dtypes[f.name] = col, _element_dtype(a[:, j])
     return out
