@@ -103,6 +103,7 @@ _DIGITS: Final = re.compile(r"\d")
 _EXTENSION: Final = re.compile(r"[ ]?(?:x|ext\.?|#)[ ]?\d{1,6}$")
 _DATE: Final = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}\b|\d{1,2}[-./]\d{1,2}[-./]\d{4}\b")
 _NOT_PHONE: Final = re.compile(r"\d{3}-\d{2}-\d{4}|\d{5}-\d{4}")
+_TRIGGER: Final = re.compile(r"[\d@:]")
 _TOKEN: Final = re.compile(r"[^\s,;:!?)\]}'\"]*")
 _IDENT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -340,7 +341,9 @@ class PiiScanner:
         """Every PII value in `text` (up to max_chars), in order of position."""
         text = text[: self._max_chars]
         out: list[PiiMatch] = []
-        if self._types:
+        # Every built-in type holds a digit, "@" or ":": text with none (most prose) is done in
+        # one C-speed search instead of the combined pass.
+        if self._types and _TRIGGER.search(text):
             out.extend(self._scan_builtin(text))
         for name, pattern in self._custom.items():
             for m in pattern.finditer(text):
