@@ -141,6 +141,18 @@ class FlowReassembler:
             expected = msg_end
         stream.next_offset = max(stream.next_offset, expected)
 
+    def finish(self, cookie: int, final_offset: int, consumer: StreamConsumer, ts_ns: int) -> bool:
+        """The flow ended having sent `final_offset` bytes in all: bytes past the last sample
+        were lost (no later sample can reveal that gap), so report them as one. Returns whether
+        the consumer has now seen the stream to its end, gaps included."""
+        stream = self._flows.get(cookie)
+        if stream is None:
+            return False
+        if final_offset > stream.next_offset:
+            self._gap(stream, consumer, final_offset - stream.next_offset, GapCause.LOST, ts_ns)
+            stream.next_offset = final_offset
+        return True
+
     def close(self, cookie: int) -> None:
         """Forget a flow (it ended); its retained bytes are dropped unread."""
         stream = self._flows.pop(cookie, None)

@@ -260,12 +260,21 @@ class WireDecoder:
             self._reassembler.close(sample.cookie)
         return self._take_ready(flow.conn)
 
-    def on_flow_end(self, cookie: int) -> list[HttpExchange]:
+    def on_flow_end(self, cookie: int, final_offset: int | None = None) -> list[HttpExchange]:
+        """The flow's socket closed. `final_offset`, when known (FlowInfo.bytes of the FlowEnd),
+        is how many bytes it sent in all: samples lost at the very end then count as a gap, and
+        pairing can trust the end of the stream instead of failing closed on it."""
         flow = self._flows.get(cookie)
         if flow is None:
             return []
+        complete = False
+        if final_offset is not None and flow.active():
+            try:
+                complete = self._reassembler.finish(cookie, final_offset, flow, flow.last_ts_ns)
+            except Exception as err:
+                self._internal_error("flow_end", err)
         self._reassembler.close(cookie)
-        return self._end(flow)
+        return self._end(flow, complete=complete)
 
     def evict_idle(self, now_ns: int) -> list[HttpExchange]:
         """End flows with no sample for idle_timeout_s; now_ns on the samples' clock
@@ -297,6 +306,10 @@ class WireDecoder:
     def buffered_bytes(self) -> int:
         """Bytes held by the reassembler over all flows (bounded by total_limit)."""
         return self._reassembler.buffered_bytes
+
+    def flow_buffered_bytes(self, cookie: int) -> int:
+        """Bytes held by the reassembler for one flow (bounded by per_flow_limit)."""
+        return self._reassembler.flow_buffered(cookie)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -342,7 +355,7 @@ class WireDecoder:
         flow.ignored = True
         flow.consumer = None
 
-    def _end(self, flow: _Flow) -> list[HttpExchange]:
+    def _end(self, flow: _Flow, *, complete: bool = False) -> list[HttpExchange]:
         del self._flows[flow.cookie]
         conn = flow.conn
         conn.flows.discard(flow.cookie)
@@ -353,7 +366,7 @@ class WireDecoder:
         try:
             if decoder is not None:
                 # Also for a flow never decoded: a server flow's end means no response comes.
-                decoder.finish(flow.direction, flow.last_ts_ns)
+                decoder.finish(flow.direction, flow.last_ts_ns, complete=complete)
                 if conn.server_flows == 0:
                     decoder.expect_responses = False
                 out = decoder.take_ready()

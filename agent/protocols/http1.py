@@ -65,12 +65,16 @@ class Http1Sink(Protocol):
         """A message is complete (or as complete as it will get: see body_truncated)."""
         ...
 
-    def http1_desync(self, direction: Direction) -> None:
-        """Whole messages in this direction may have been lost."""
+    def http1_desync(self, direction: Direction, ts_ns: int) -> None:
+        """Whole messages in this direction may have been lost, up to kernel time ts_ns."""
         ...
 
     def http1_head_outstanding(self) -> bool:
         """Whether a response to a HEAD request may come next (cheap, asked per send)."""
+        ...
+
+    def http1_request_bytes(self) -> None:
+        """The request side received bytes with no gap before them."""
         ...
 
 
@@ -123,6 +127,8 @@ class Http1StreamDecoder:
     # -- StreamConsumer --------------------------------------------------------------------
 
     def on_data(self, chunk: Chunk) -> int:
+        if self._is_request:
+            self._sink.http1_request_bytes()
         data = chunk.data
         n = len(data)
         pos = 0
@@ -156,6 +162,8 @@ class Http1StreamDecoder:
     def on_gap(self, stranded: memoryview, length: int, cause: GapCause, ts_ns: int) -> None:
         if length == 0 and not stranded:
             return
+        # What the gap hid was sent before the send that revealed it.
+        self._ts = max(self._ts, ts_ns)
         mode = self._mode
         if mode is _Mode.DEAD:
             return
@@ -305,7 +313,7 @@ class Http1StreamDecoder:
     def _desync(self) -> None:
         self._stats["http1_resyncs"] += 1
         self._mode = _Mode.RESYNC if self._mode is not _Mode.DEAD else _Mode.DEAD
-        self._sink.http1_desync(self.direction)
+        self._sink.http1_desync(self.direction, self._ts)
 
     def _reset_message(self) -> None:
         self._msg = None
@@ -416,6 +424,9 @@ class _Pending:
     response: HttpMessage | None = None
     response_done: bool = False
     response_lost: bool = False  # no response will be paired with it
+    # Paired by timing after responses were lost: held until the request side shows that no
+    # request was lost in between (its next bytes come without a gap).
+    tentative: bool = False
 
 
 class Http1Connection:
@@ -452,10 +463,19 @@ class Http1Connection:
         self._response_entry: _Pending | None = None  # response being parsed
         self._responses_lost = False
         self._head_outstanding = 0
+        # For telling a lost request from a present one: when the request side last lost
+        # messages, when the last request a response was matched to was sent, and whether the
+        # client ever had two requests out at once (pipelining defeats the timing argument).
+        self._request_loss_ts = -1
+        self._last_matched_ts = -1
+        self._pipelined = False
+        self._tentatives = 0
 
     def consumer(self, direction: Direction, *, resync: bool = False) -> Http1StreamDecoder:
         decoder = self._decoders.get(direction)
         if decoder is None:
+            if resync and direction is Direction.RESPONSE:
+                self._responses_lost = True  # a server flow seen from mid-stream
             decoder = Http1StreamDecoder(
                 self.connection,
                 direction,
@@ -468,11 +488,17 @@ class Http1Connection:
             self._decoders[direction] = decoder
         return decoder
 
-    def finish(self, direction: Direction, ts_ns: int) -> None:
-        """That direction's flow ended."""
+    def finish(self, direction: Direction, ts_ns: int, *, complete: bool = False) -> None:
+        """That direction's flow ended; `complete`: every byte it sent was accounted for (seen
+        or reported as a gap), so no message can have been lost after the last one seen."""
         decoder = self._decoders.get(direction)
         if decoder is not None:
             decoder.finish(ts_ns)
+        if direction is Direction.REQUEST and self._tentatives:
+            if complete:
+                self._confirm_tentative()
+            else:
+                self.http1_desync(Direction.REQUEST, ts_ns)  # a lost last request: fail closed
         if direction is Direction.RESPONSE:
             # No response can come any more.
             self.expect_responses = False
@@ -509,6 +535,8 @@ class Http1Connection:
             self._per_service[self.connection.server] += 1
             entry = _Pending(msg)
             self._request_entry = entry
+            if self._awaiting:
+                self._pipelined = True
             if len(self._pending) >= MAX_PENDING:
                 self._stats["http1_pending_over_limit"] += 1
                 self._drop_oldest()
@@ -550,12 +578,33 @@ class Http1Connection:
             entry.response_done = True
         self._collect()
 
-    def http1_desync(self, direction: Direction) -> None:
+    def http1_desync(self, direction: Direction, ts_ns: int) -> None:
         if direction is Direction.RESPONSE:
             self._responses_lost = True
             self._response_entry = None
         else:
             self._request_entry = None
+            self._request_loss_ts = max(self._request_loss_ts, ts_ns)
+            # A request lost now may be what a tentatively paired response answered.
+            self._tentatives = 0
+            for entry in self._pending:
+                if entry.tentative:
+                    entry.tentative = False
+                    entry.response = None
+                    entry.response_done = False
+                    entry.response_lost = True
+                    self._stats["responses_unmatched"] += 1
+            self._collect()
+
+    def http1_request_bytes(self) -> None:
+        if self._tentatives:
+            self._confirm_tentative()
+
+    def _confirm_tentative(self) -> None:
+        self._tentatives = 0
+        for entry in self._pending:
+            entry.tentative = False
+        self._collect()
 
     def http1_head_outstanding(self) -> bool:
         return self._head_outstanding > 0
@@ -565,7 +614,9 @@ class Http1Connection:
     def _match(self, response: HttpMessage) -> _Pending | None:
         awaiting = self._awaiting
         if self._responses_lost:
-            # Responses were lost: answer the latest request sent before this response began.
+            # Responses were lost: answer the latest request sent before this response began
+            # (a client waits for each answer before it asks again). Unless requests were lost
+            # since that one was sent: the answer may be to one of those, so none is chosen.
             self._responses_lost = False
             latest = -1
             for i, entry in enumerate(awaiting):
@@ -574,10 +625,28 @@ class Http1Connection:
                 latest = i
             for _ in range(latest):
                 self._unanswered(awaiting.popleft())
-            return awaiting.popleft() if latest >= 0 else None
-        if awaiting and awaiting[0].request.ts_ns <= response.ts_ns:
-            return awaiting.popleft()
-        return None  # it answers a request we never saw
+            if latest < 0:
+                return None
+            if self._request_loss_ts >= awaiting[0].request.ts_ns:
+                self._unanswered(awaiting.popleft())
+                return None
+            entry = self._matched(awaiting.popleft())
+            entry.tentative = True
+            self._tentatives += 1
+            return entry
+        if not awaiting or awaiting[0].request.ts_ns > response.ts_ns:
+            return None  # it answers a request we never saw
+        head = awaiting[0]
+        if self._pipelined and self._last_matched_ts < self._request_loss_ts <= head.request.ts_ns:
+            # Pipelined requests were lost before this one: in-order pairing would shift.
+            while awaiting:
+                self._unanswered(awaiting.popleft())
+            return None
+        return self._matched(awaiting.popleft())
+
+    def _matched(self, entry: _Pending) -> _Pending:
+        self._last_matched_ts = entry.request.ts_ns
+        return entry
 
     def _unanswered(self, entry: _Pending) -> None:
         entry.response_lost = True
@@ -608,7 +677,9 @@ class Http1Connection:
         pending = self._pending
         while pending:
             head = pending[0]
-            if not head.request_done or not (head.response_done or head.response_lost):
+            if head.tentative or not head.request_done:
+                break
+            if not (head.response_done or head.response_lost):
                 break
             pending.popleft()
             if head.response is None:

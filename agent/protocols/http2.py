@@ -421,8 +421,9 @@ class Http2Connection:
         decoder = self._decoders.get(direction)
         return decoder is None or decoder.hpack_ok
 
-    def finish(self, direction: Direction, ts_ns: int) -> None:
-        """That direction's flow ended: its open messages end as they are."""
+    def finish(self, direction: Direction, ts_ns: int, *, complete: bool = False) -> None:
+        """That direction's flow ended: its open messages end as they are. (`complete` is for
+        the common signature: stream ids pair HTTP/2 without help.)"""
         decoder = self._decoders.get(direction)
         if decoder is not None:
             decoder.finish()
