@@ -49,6 +49,8 @@ def _lib() -> ct.CDLL:
     lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
     lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
     lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
+    lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
+    lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
     return lib
 
 
@@ -116,3 +118,18 @@ def detach_by_id(cgroup_path: str, attach_type: AttachType, prog_id: int) -> boo
     finally:
         os.close(cg_fd)
         os.close(prog_fd)
+
+
+def map_delete(map_fd: int, key: ct.Structure) -> bool:
+    """False if the key was not there."""
+    ret = _lib().bpf_map_delete_elem(map_fd, ct.byref(key))
+    if ret < 0 and ct.get_errno() == 2:
+        return False
+    _check(ret, "map delete")
+    return True
+
+
+def sockhash_insert(map_fd: int, key: ct.Structure, sock_fd: int) -> None:
+    """Put a socket (by our descriptor for it) into a sockhash under `key`."""
+    value = ct.c_uint32(sock_fd)
+    _check(_lib().bpf_map_update_elem(map_fd, ct.byref(key), ct.byref(value), 0), "sockhash insert")

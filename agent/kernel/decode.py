@@ -121,3 +121,17 @@ def service_key(service: Endpoint) -> structs.ServiceKey:
 def service_from_key(key: structs.ServiceKey) -> Endpoint:
     raw = b"".join(int(x).to_bytes(4, "little") for x in key.ip)
     return Endpoint(ip_text(key.family, raw), key.port)
+
+
+def flow_key(flow: FlowInfo) -> structs.FlowKey:
+    """The kernel's key for a flow (the flow table's and the sockhash's)."""
+    family, local = ip_raw(flow.local.ip)
+    _family, remote = ip_raw(flow.remote.ip)
+    key = structs.FlowKey()
+    key.family = family
+    key.local_port = flow.local.port
+    key.remote_port = flow.remote.port
+    for i in range(4):
+        key.local_ip[i] = int.from_bytes(local[4 * i : 4 * i + 4], "little")
+        key.remote_ip[i] = int.from_bytes(remote[4 * i : 4 * i + 4], "little")
+    return key

@@ -290,6 +290,30 @@ class Sensor:
         with self._lock:
             self._update_config(verdicts_active=count)
 
+    def refresh_socket(self, flow: FlowInfo, cgroup_hint: Path | None = None) -> bool:
+        """Give a flow's socket a fresh psock, clearing a verdict the kernel cached on it.
+
+        See agent/kernel/sockets.py for why. Returns False when the socket cannot be found (it
+        closed, or its process is gone); the flow then stays as the kernel left it.
+        """
+        from infertap.agent.kernel import sockets
+
+        hints = [cgroup_hint] if cgroup_hint is not None else list(self._attached)
+        fd = sockets.find_socket(flow.cookie, hints)
+        if fd is None:
+            return False
+        try:
+            key = decode.flow_key(flow)
+            map_fd = self._table_fd("itap_socks")
+            with self._lock:
+                # Deleting drops the socket's only psock (and its cached verdict) at once;
+                # inserting makes a new one with no verdict, so sk_msg runs on the next send.
+                bpfsys.map_delete(map_fd, key)
+                bpfsys.sockhash_insert(map_fd, key, fd)
+            return True
+        finally:
+            os.close(fd)
+
     def flows(self) -> list[FlowInfo]:
         table = self.table("itap_flows", structs.FlowKey, structs.Flow)
         out = []

@@ -92,7 +92,7 @@ class Lab:
 
     def __init__(self, tag: str | None = None, cgroup_mount: Path | None = None) -> None:
         pid = os.getpid()
-        self.tag = tag or f"{pid % 100000:05d}"
+        self.tag = tag or str(pid)  # the owner's pid: cleanup_stale_labs() knows whose it is
         self.mount = cgroup_mount or cgroups.cgroup2_mount()
         self.cgroup_root = self.mount / f"infertap-lab-{self.tag}"
         self.bridge = f"itbr{self.tag}"[:15]
@@ -160,6 +160,41 @@ class Lab:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def cleanup_stale_labs(cgroup_mount: Path | None = None) -> int:
+    """Remove labs whose creating process is dead (a test run that was killed). Returns count."""
+    mount = cgroup_mount or cgroups.cgroup2_mount()
+    tags: set[str] = set()
+    for path in mount.glob("infertap-lab-*"):
+        tags.add(path.name.removeprefix("infertap-lab-"))
+    with contextlib.suppress(Exception):
+        for name in os.listdir("/run/netns"):
+            if name.startswith("itap-"):
+                tags.add(name.split("-")[1])
+    removed = 0
+    for tag in tags:
+        if tag.isdigit() and Path(f"/proc/{tag}").exists():
+            continue  # its owner is alive
+        with IPRoute() as ipr:
+            for link in ipr.get_links():
+                name = link.get_attr("IFLA_IFNAME") or ""
+                if name in (f"itbr{tag}"[:15],) or name.startswith(f"itv{tag}"):
+                    with contextlib.suppress(Exception):
+                        ipr.link("del", index=link["index"])
+        with contextlib.suppress(Exception):
+            for name in os.listdir("/run/netns"):
+                if name.startswith(f"itap-{tag}-"):
+                    with contextlib.suppress(Exception):
+                        netns.remove(name)
+        root = mount / f"infertap-lab-{tag}"
+        if root.exists():
+            for child in root.iterdir():
+                if child.is_dir():
+                    _rmdir_cgroup(child)
+            _rmdir_cgroup(root)
+        removed += 1
+    return removed
 
 
 def _rmdir_cgroup(path: Path) -> None:

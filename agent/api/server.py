@@ -1,0 +1,238 @@
+"""The control API (agent/api/infertap.proto) over gRPC.
+
+By default on a unix socket that only root can open (mode 0600, in a 0700 folder): a caller who
+can reach it can block traffic. The socket is created under umask 077 so it is never, even for an
+instant, open to others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+
+from infertap import __version__
+from infertap.agent.api import infertap_pb2 as pb
+from infertap.agent.api import infertap_pb2_grpc as pb_grpc
+from infertap.agent.enforce.verdicts import Verdict
+from infertap.agent.export.events import AgentEvent
+from infertap.agent.flows.records import Endpoint, FlowInfo
+
+if TYPE_CHECKING:
+    from infertap.agent.runtime import Agent
+
+log = logging.getLogger(__name__)
+
+
+def endpoint_pb(e: Endpoint) -> pb.Endpoint:
+    return pb.Endpoint(ip=e.ip, port=e.port)
+
+
+def flow_pb(f: FlowInfo, cgroup: str, protocol: str, now_ns: int) -> pb.Flow:
+    return pb.Flow(
+        id=f.cookie,
+        local=endpoint_pb(f.local),
+        remote=endpoint_pb(f.remote),
+        role=f.role.name.lower(),
+        cgroup_id=f.cgroup_id,
+        cgroup=cgroup,
+        messages=f.messages,
+        bytes=f.bytes,
+        drops=f.drops,
+        samples=f.samples,
+        samples_lost=f.samples_lost,
+        sampled=f.sampled,
+        age_seconds=max(0.0, (now_ns - f.start_ns) / 1e9),
+        protocol=protocol,
+    )
+
+
+def verdict_pb(v: Verdict) -> pb.Verdict:
+    target = (
+        pb.Target(flow_id=v.flow_id)
+        if v.kind == "flow"
+        else pb.Target(service=endpoint_pb(v.service or Endpoint("", 0)))
+    )
+    return pb.Verdict(target=target, action=v.action, reason=v.reason)
+
+
+def event_pb(e: AgentEvent) -> pb.Event:
+    out = pb.Event(ts_ns=e.ts_ns, kind=e.kind, message=str(e.data.get("description", "")))
+    if e.kind in ("flow_start", "flow_end"):
+        d = e.data
+        out.flow.CopyFrom(
+            pb.Flow(
+                id=d["id"],
+                role=d["role"],
+                cgroup_id=d["cgroup_id"],
+                messages=d["messages"],
+                bytes=d["bytes"],
+                drops=d["drops"],
+            )
+        )
+        local_ip, _, local_port = str(d["local"]).rpartition(":")
+        remote_ip, _, remote_port = str(d["remote"]).rpartition(":")
+        out.flow.local.CopyFrom(pb.Endpoint(ip=local_ip.strip("[]"), port=int(local_port)))
+        out.flow.remote.CopyFrom(pb.Endpoint(ip=remote_ip.strip("[]"), port=int(remote_port)))
+    elif e.kind == "http":
+        req = e.data["request"]
+        resp = e.data.get("response") or {}
+        svc_ip, _, svc_port = str(req["service"]).rpartition(":")
+        out.http.CopyFrom(
+            pb.HttpMessage(
+                direction="request",
+                protocol=req["protocol"],
+                method=req["method"],
+                path=req["path"],
+                status=int(resp.get("status", 0) or 0),
+                content_length=int(req["content_length"]),
+                stream_id=int(req["stream_id"]),
+                service=pb.Endpoint(ip=svc_ip.strip("[]"), port=int(svc_port)),
+            )
+        )
+    return out
+
+
+class ControlServicer(pb_grpc.ControlServicer):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.Status:
+        a = self.agent
+        return pb.Status(
+            version=__version__,
+            ready=a.ready,
+            mode=a.options.mode,
+            cgroups=[str(p) for p in a.sensor.attached],
+            ports=list(a.options.ports),
+            kernel_stats=a.sensor.stats(),
+            flows_active=len(a.flows()),
+            headers=a.sensor.headers.origin if a.sensor.headers else "",
+        )
+
+    def ListFlows(
+        self, request: pb.ListFlowsRequest, context: grpc.ServicerContext
+    ) -> pb.ListFlowsResponse:
+        now = time.monotonic_ns()  # the kernel's bpf_ktime_get_ns is CLOCK_MONOTONIC
+        a = self.agent
+        flows = sorted(a.flows(), key=lambda f: f.cookie)
+        return pb.ListFlowsResponse(
+            flows=[
+                flow_pb(
+                    f, a.pods.path_of(f.cgroup_id), a.pipeline.decoder.protocol_of(f.cookie), now
+                )
+                for f in flows
+            ]
+        )
+
+    def _target(
+        self, target: pb.Target, context: grpc.ServicerContext
+    ) -> tuple[str, int, Endpoint]:
+        which = target.WhichOneof("target")
+        if which == "flow_id":
+            return "flow", target.flow_id, Endpoint("", 0)
+        if which == "service":
+            svc = target.service
+            if not svc.ip or not 1 <= svc.port <= 65535:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "service needs an ip and a port 1-65535"
+                )
+            try:
+                from infertap.agent.kernel.decode import ip_raw
+
+                ip_raw(svc.ip)
+            except OSError:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not an IP address: {svc.ip!r}")
+            return "service", 0, Endpoint(svc.ip, svc.port)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give a flow id or a service")
+        raise AssertionError("unreachable")
+
+    def Block(self, request: pb.Target, context: grpc.ServicerContext) -> pb.VerdictReply:
+        kind, flow_id, svc = self._target(request, context)
+        store = self.agent.verdicts
+        if kind == "flow":
+            if flow_id not in {f.cookie for f in self.agent.flows()}:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"no intercepted flow with id {flow_id}")
+            v = store.block_flow(flow_id, reason="api")
+        else:
+            v = store.block_service(svc, reason="api")
+        if v is None:
+            return pb.VerdictReply(changed=False, description="already blocked")
+        self.agent.publish_verdict(v.describe(), {"action": "block"})
+        return pb.VerdictReply(changed=True, description=v.describe())
+
+    def Unblock(self, request: pb.Target, context: grpc.ServicerContext) -> pb.VerdictReply:
+        kind, flow_id, svc = self._target(request, context)
+        store = self.agent.verdicts
+        v = store.unblock_flow(flow_id) if kind == "flow" else store.unblock_service(svc)
+        if v is None:
+            return pb.VerdictReply(changed=False, description="was not blocked")
+        self.agent.publish_verdict(
+            f"unblocked {v.describe().removeprefix('block ')}", {"action": "unblock"}
+        )
+        return pb.VerdictReply(
+            changed=True, description=f"unblocked {v.describe().removeprefix('block ')}"
+        )
+
+    def ListVerdicts(
+        self, request: pb.ListVerdictsRequest, context: grpc.ServicerContext
+    ) -> pb.ListVerdictsResponse:
+        return pb.ListVerdictsResponse(verdicts=[verdict_pb(v) for v in self.agent.verdicts.list()])
+
+    def StreamEvents(
+        self, request: pb.StreamEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Event]:
+        sub = self.agent.events.subscribe(frozenset(request.kinds))
+        try:
+            while context.is_active() and not sub.closed:
+                event = sub.get(timeout=0.5)
+                if event is not None:
+                    yield event_pb(event)
+        finally:
+            sub.close()
+
+
+class ApiServer:
+    def __init__(self, agent: Agent, address: str) -> None:
+        self.address = address
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="api")
+        )
+        pb_grpc.add_ControlServicer_to_server(ControlServicer(agent), self._server)
+        self._socket: Path | None = None
+
+    def start(self) -> None:
+        if self.address.startswith("unix:"):
+            path = Path(self.address.removeprefix("unix:"))
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if path.exists() or path.is_symlink():
+                path.unlink()  # a stale socket from a killed agent
+            old = os.umask(0o077)
+            try:
+                self._server.add_insecure_port(f"unix:{path}")
+                self._server.start()
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o600)
+            self._socket = path
+        else:
+            port = self._server.add_insecure_port(self.address)
+            if port == 0:
+                raise OSError(f"cannot listen on {self.address}")
+            log.warning(
+                "API on TCP %s without TLS: anyone who can reach it can block traffic", self.address
+            )
+            self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop(grace=1).wait(2)
+        if self._socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._socket.unlink()

@@ -1,0 +1,14 @@
+"""Defaults and address parsing shared by the agent and the CLI (kept light to import)."""
+
+from __future__ import annotations
+
+DEFAULT_API = "unix:/run/infertap/api.sock"
+DEFAULT_METRICS = "127.0.0.1:9464"
+
+
+def parse_host_port(text: str, what: str) -> tuple[str, int]:
+    """HOST:PORT or [IPv6]:PORT; raises ValueError with a message for the user."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what} must be HOST:PORT with a port from 0 to 65535, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)

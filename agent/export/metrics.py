@@ -1,0 +1,208 @@
+"""Prometheus metrics, read from the kernel maps at scrape time where that fits.
+
+Names, types and labels are exactly those in metric_names.py (a test checks it). No label ever
+holds payload content: labels are pod identity, service ip:port, HTTP method (from a fixed set)
+and status code.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+from prometheus_client.registry import Collector
+
+from infertap.agent.export.metric_names import POD_LABELS
+from infertap.agent.flows.records import FlowInfo
+
+PodLabels = tuple[str, str]  # (namespace, pod)
+KNOWN_METHODS = frozenset(
+    {"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "PRI"}
+)
+MAX_SERVICES = 500  # distinct service label values before folding into "other"
+
+
+@dataclass
+class _Totals:
+    messages: int = 0
+    bytes: int = 0
+
+
+class FlowAccounting:
+    """Per-pod message and byte totals that never go backwards.
+
+    Live flows are read from the kernel table; a closed flow's final counters arrive with its
+    FLOW_END record. Between the kernel deleting a flow and us reading that record, the flow is
+    in neither place, so we keep the last counters seen per flow until its end arrives (or, if
+    the end record was lost, until it has been gone for `grace_s`).
+    """
+
+    def __init__(self, grace_s: float = 60.0) -> None:
+        self._lock = threading.Lock()
+        self._closed: dict[PodLabels, _Totals] = {}
+        self._last: dict[int, tuple[PodLabels, int, int, float]] = {}  # cookie -> pod, m, b, seen
+        self._grace_s = grace_s
+
+    def observe(self, flows: Iterable[tuple[PodLabels, FlowInfo]], now: float) -> None:
+        with self._lock:
+            for pod, f in flows:
+                self._last[f.cookie] = (pod, f.messages, f.bytes, now)
+            for cookie, (pod, m, b, seen) in list(self._last.items()):
+                if now - seen > self._grace_s:  # its FLOW_END was lost: settle from what we saw
+                    self._settle(pod, m, b)
+                    del self._last[cookie]
+
+    def flow_ended(self, pod: PodLabels, flow: FlowInfo) -> None:
+        with self._lock:
+            self._last.pop(flow.cookie, None)
+            self._settle(pod, flow.messages, flow.bytes)
+
+    def _settle(self, pod: PodLabels, messages: int, nbytes: int) -> None:
+        t = self._closed.setdefault(pod, _Totals())
+        t.messages += messages
+        t.bytes += nbytes
+
+    def totals(self) -> dict[PodLabels, _Totals]:
+        with self._lock:
+            out = {pod: _Totals(t.messages, t.bytes) for pod, t in self._closed.items()}
+            for pod, m, b, _seen in self._last.values():
+                t = out.setdefault(pod, _Totals())
+                t.messages += m
+                t.bytes += b
+            return out
+
+
+class KernelCollector(Collector):
+    """Flows, messages, bytes, samples and drops straight from the BPF maps at scrape time."""
+
+    def __init__(
+        self,
+        flows: Callable[[], list[FlowInfo]],
+        kernel_stats: Callable[[], dict[str, int]],
+        pod_of: Callable[[int], PodLabels],
+        accounting: FlowAccounting,
+    ) -> None:
+        self._flows = flows
+        self._stats = kernel_stats
+        self._pod_of = pod_of
+        self._accounting = accounting
+
+    def collect(self) -> Iterator[Metric]:
+        flows = [(self._pod_of(f.cgroup_id), f) for f in self._flows()]
+        self._accounting.observe(flows, time.monotonic())
+        active: dict[PodLabels, int] = {}
+        for pod, _f in flows:
+            active[pod] = active.get(pod, 0) + 1
+
+        g = GaugeMetricFamily(
+            "infertap_flows_active", "TCP flows intercepted now.", labels=POD_LABELS
+        )
+        for pod, n in sorted(active.items()):
+            g.add_metric(list(pod), n)
+        yield g
+
+        totals = self._accounting.totals()
+        msgs = CounterMetricFamily(
+            "infertap_messages_total", "Messages sent on intercepted flows.", labels=POD_LABELS
+        )
+        nbytes = CounterMetricFamily(
+            "infertap_bytes_total", "Bytes sent on intercepted flows.", labels=POD_LABELS
+        )
+        for pod, t in sorted(totals.items()):
+            msgs.add_metric(list(pod), t.messages)
+            nbytes.add_metric(list(pod), t.bytes)
+        yield msgs
+        yield nbytes
+
+        stats = self._stats()
+        yield CounterMetricFamily(
+            "infertap_samples_total",
+            "Payload samples written to the ring buffer.",
+            value=stats.get("samples", 0),
+        )
+        yield CounterMetricFamily(
+            "infertap_samples_lost_total",
+            "Samples (and flow records) lost because the ring buffer was full.",
+            value=stats.get("samples_lost", 0) + stats.get("events_lost", 0),
+        )
+        yield CounterMetricFamily(
+            "infertap_verdict_drops_total",
+            "Messages dropped in the kernel by a block verdict.",
+            value=stats.get("verdict_drops", 0),
+        )
+
+
+class TrafficMetrics:
+    """Metrics of decoded traffic, updated by the pipeline as requests are seen."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.http_requests = Counter(
+            "infertap_http_requests_total",
+            "HTTP requests seen on intercepted flows, by service, method and status.",
+            labelnames=(*POD_LABELS, "service", "method", "code"),
+            registry=registry,
+        )
+        self._services: set[str] = set()
+
+    def count_http(self, pod: PodLabels, service: str, method: str, code: int | None) -> None:
+        if service not in self._services:
+            if len(self._services) >= MAX_SERVICES:
+                service = "other"
+            else:
+                self._services.add(service)
+        method = method.upper() if method.upper() in KNOWN_METHODS else "OTHER"
+        code_label = str(code) if code else "none"
+        self.http_requests.labels(*pod, service, method, code_label).inc()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class MetricsServer:
+    """/metrics for Prometheus, plus /ready and /healthz for the DaemonSet's probes."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        ready: Callable[[], bool],
+        healthy: Callable[[], bool],
+    ) -> None:
+        metrics_app = make_wsgi_app(registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "/")
+            for probe, check in (("/ready", ready), ("/healthz", healthy)):
+                if path == probe:
+                    ok = check()
+                    start_response(
+                        "200 OK" if ok else "503 Service Unavailable",
+                        [("Content-Type", "text/plain")],
+                    )
+                    return [b"ok\n" if ok else b"not ready\n"]
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+        self._server = make_server(
+            host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler
+        )
+        self.port = self._server.server_port
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,185 @@
+"""The agent: owns the sensor, the reader thread, the metrics server and the API server.
+
+Start order matters for the "ready" line: programs loaded and attached, metrics serving, API
+listening, then ready. Stop order is the reverse, and the sensor is always closed (detaching
+everything) even when a later step failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
+
+from infertap.agent.defaults import DEFAULT_API, DEFAULT_METRICS, parse_host_port
+from infertap.agent.enforce.verdicts import VerdictStore
+from infertap.agent.export.events import AgentEvent, EventHub
+from infertap.agent.export.metrics import (
+    FlowAccounting,
+    KernelCollector,
+    MetricsServer,
+    TrafficMetrics,
+)
+from infertap.agent.flows.records import FlowInfo
+from infertap.agent.kernel.ringbuf import RingReader
+from infertap.agent.kernel.sensor import Sensor, SensorOptions
+from infertap.agent.pipeline import Pipeline
+from infertap.agent.pods import PodDirectory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentOptions:
+    cgroups: tuple[str, ...] = ()  # empty: node mode, the cgroup v2 root
+    ports: tuple[int, ...] = ()
+    metrics_addr: str | None = DEFAULT_METRICS  # None: no metrics server
+    api_addr: str | None = DEFAULT_API  # None: no API server
+    sample_bytes: int = 4096
+    sample_one_in: int = 1
+    run_dir: Path = Path("/run/infertap")
+    ring_pages: int = 4096
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        return "pods" if self.cgroups else "node"
+
+
+class Agent:
+    def __init__(self, options: AgentOptions) -> None:
+        self.options = options
+        self.sensor = Sensor(
+            SensorOptions(
+                sample_bytes=options.sample_bytes,
+                sample_one_in=options.sample_one_in,
+                ports=options.ports,
+                ring_pages=options.ring_pages,
+                run_dir=options.run_dir,
+            )
+        )
+        self.events = EventHub()
+        self.registry = CollectorRegistry()
+        for collector in (
+            process_collector.ProcessCollector,
+            platform_collector.PlatformCollector,
+            gc_collector.GCCollector,
+        ):
+            collector(registry=self.registry)
+        self.accounting = FlowAccounting()
+        self.traffic = TrafficMetrics(self.registry)
+        self.pods = PodDirectory(self.sensor.mount)
+        self.verdicts = VerdictStore(self.sensor)
+        self.pipeline = Pipeline(
+            self.events, self.traffic, self.accounting, self.pods, on_flow_end=self._flow_ended
+        )
+        self.ready = False
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._reader_thread: threading.Thread | None = None
+        self._reader: RingReader | None = None
+        self.metrics: MetricsServer | None = None
+        self.api: object | None = None
+        self.reader_error: str = ""
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        self.sensor.start()
+        if self.sensor.swept:
+            log.warning("removed %d program(s) a previous agent left attached", self.sensor.swept)
+        for cg in self.options.cgroups or ("/",):
+            self.sensor.attach(cg)
+        self._reader = RingReader(self.sensor.ring_fd, self.sensor.ring_size)
+        self._reader_thread = threading.Thread(
+            target=self._read_loop, name="ring-reader", daemon=True
+        )
+        self._reader_thread.start()
+        self.registry.register(
+            KernelCollector(self.sensor.flows, self.sensor.stats, self.pods.labels, self.accounting)
+        )
+        if self.options.metrics_addr:
+            host, port = parse_host_port(self.options.metrics_addr, "--metrics-addr")
+            self.metrics = MetricsServer(
+                self.registry, host, port, lambda: self.ready, self.healthy
+            )
+            self.metrics.start()
+        if self.options.api_addr:
+            from infertap.agent.api.server import ApiServer
+
+            api = ApiServer(self, self.options.api_addr)
+            api.start()
+            self.api = api
+        self.ready = True
+
+    def healthy(self) -> bool:
+        return self._reader_thread is not None and self._reader_thread.is_alive()
+
+    def stop(self) -> None:
+        """Detach everything and stop serving. Safe to call more than once."""
+        self.ready = False
+        self._stop.set()
+        api = self.api
+        if api is not None:
+            api.stop()  # type: ignore[attr-defined]
+            self.api = None
+        self.events.close()
+        if self._reader_thread is not None:
+            self._reader_thread.join(timeout=5)
+            self._reader_thread = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
+        self.sensor.close()
+
+    def wait(self) -> None:
+        self._stop.wait()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # ---- the reader thread ---------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        reader = self._reader
+        assert reader is not None
+        last_tick = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if reader.wait(0.2):
+                    reader.drain(self.pipeline.handle)
+                now = time.monotonic()
+                if now - last_tick >= 1.0:
+                    self.pipeline.tick(time.monotonic_ns())
+                    last_tick = now
+            reader.drain(self.pipeline.handle)  # what the kernel sent before we stopped
+        except Exception as exc:  # the reader must never take the agent down silently
+            self.reader_error = str(exc)
+            log.exception("ring buffer reader stopped")
+
+    def _flow_ended(self, flow: FlowInfo) -> None:
+        self.verdicts.flow_ended(flow.cookie)
+
+    # ---- views for the API -----------------------------------------------------------------------
+
+    def flows(self) -> list[FlowInfo]:
+        return self.sensor.flows()
+
+    def publish_verdict(self, description: str, data: dict[str, object]) -> None:
+        self.events.publish(
+            AgentEvent("verdict", time.monotonic_ns(), {"description": description, **data})
+        )

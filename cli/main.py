@@ -1,0 +1,302 @@
+"""The `infertap` command.
+
+Errors a user can cause (a bad flag, a missing cgroup, no agent running, no privileges) print one
+line and exit non-zero; only bugs print a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from infertap import __version__
+from infertap.agent.defaults import DEFAULT_API, DEFAULT_METRICS, parse_host_port
+
+app = typer.Typer(
+    name="infertap",
+    help="See and govern model-serving traffic from the kernel.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+out = Console()
+err = Console(stderr=True)
+
+ApiOpt = Annotated[
+    str, typer.Option("--api", help="Agent API: unix:PATH or HOST:PORT.", envvar="INFERTAP_API")
+]
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as one line."""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
+    )
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  infertap run                                    # node mode: every pod on this node\n\n"
+    "  infertap run --cgroup /kubepods.slice/... --port 8000 --port 8001\n\n"
+    "  infertap run --metrics-addr 0.0.0.0:9464 --api unix:/run/infertap/api.sock"
+)
+def run(
+    cgroup: Annotated[
+        list[str] | None,
+        typer.Option("--cgroup", help="cgroup v2 path to watch (repeatable); none = node mode."),
+    ] = None,
+    port: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--port", min=1, max=65535, help="Model-service port (repeatable); none = all TCP."
+        ),
+    ] = None,
+    metrics_addr: Annotated[
+        str, typer.Option("--metrics-addr", help="Prometheus endpoint HOST:PORT ('' = off).")
+    ] = DEFAULT_METRICS,
+    api: ApiOpt = DEFAULT_API,
+    sample_bytes: Annotated[
+        int, typer.Option(min=0, max=16384, help="Bytes sampled from each message.")
+    ] = 4096,
+    sample_one_in: Annotated[
+        int, typer.Option(min=0, help="Sample 1 flow in N (1 = all, 0 = none).")
+    ] = 1,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the agent in the foreground until SIGINT or SIGTERM, then detach everything."""
+    from infertap.agent.runtime import Agent, AgentOptions
+
+    _setup_logging(log_level)
+    if metrics_addr:
+        try:
+            parse_host_port(metrics_addr, "--metrics-addr")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    options = AgentOptions(
+        cgroups=tuple(cgroup or ()),
+        ports=tuple(port or ()),
+        metrics_addr=metrics_addr or None,
+        api_addr=api or None,
+        sample_bytes=sample_bytes,
+        sample_one_in=sample_one_in,
+    )
+    agent = Agent(options)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        agent.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        agent.start()
+        where = ", ".join(str(p) for p in agent.sensor.attached)
+        metrics = f"http://{metrics_addr}/metrics" if metrics_addr else "off"
+        out.print(
+            f"infertap ready: sockops on {where} ({options.mode} mode), "
+            f"ports {list(options.ports) or 'all'}, metrics {metrics}, api {api or 'off'}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        agent.wait()
+    finally:
+        agent.stop()
+    out.print("infertap stopped: programs detached", highlight=False)
+
+
+def _client(api: str) -> Any:
+    from infertap.agent.api.client import connect
+
+    return connect(api)[1]
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    from infertap.agent.kernel.decode import ip_raw
+
+    try:
+        host, port = parse_host_port(text, "--service")
+        ip_raw(host)
+    except (ValueError, OSError):
+        raise UserError(f"--service must be IP:PORT with a port 1-65535, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise UserError(f"--service port must be 1-65535, got {port}")
+    return host, port
+
+
+def _target(service: str | None, flow: int | None) -> Any:
+    from infertap.agent.api import infertap_pb2 as pb
+
+    if (service is None) == (flow is None):
+        raise UserError("give exactly one of --service IP:PORT or --flow ID")
+    if flow is not None:
+        return pb.Target(flow_id=flow)
+    assert service is not None
+    host, port = _endpoint(service)
+    return pb.Target(service=pb.Endpoint(ip=host, port=port))
+
+
+@app.command()
+def flows(
+    api: ApiOpt = DEFAULT_API,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+) -> None:
+    """List intercepted flows with their kernel counters."""
+    from google.protobuf.json_format import MessageToDict
+
+    from infertap.agent.api import infertap_pb2 as pb
+
+    resp = _client(api).ListFlows(pb.ListFlowsRequest())
+    if as_json:
+        docs = [
+            MessageToDict(
+                f, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            )
+            for f in resp.flows
+        ]
+        out.print_json(json.dumps({"flows": docs}))
+        return
+    table = Table(title=f"{len(resp.flows)} flow(s)")
+    for col in (
+        "id",
+        "role",
+        "local",
+        "remote",
+        "cgroup",
+        "proto",
+        "msgs",
+        "bytes",
+        "drops",
+        "age",
+    ):
+        table.add_column(
+            col, justify="right" if col in ("msgs", "bytes", "drops", "age") else "left"
+        )
+    for f in resp.flows:
+        table.add_row(
+            str(f.id),
+            f.role,
+            f"{f.local.ip}:{f.local.port}",
+            f"{f.remote.ip}:{f.remote.port}",
+            f.cgroup,
+            f.protocol or "-",
+            str(f.messages),
+            str(f.bytes),
+            str(f.drops),
+            f"{f.age_seconds:.0f}s",
+        )
+    out.print(table)
+
+
+@app.command()
+def block(
+    service: Annotated[str | None, typer.Option(help="Block a service IP:PORT.")] = None,
+    flow: Annotated[int | None, typer.Option(help="Block one flow by id (see 'flows').")] = None,
+    api: ApiOpt = DEFAULT_API,
+) -> None:
+    """Drop sends to a service or on a flow in the kernel: the sender gets EACCES."""
+    reply = _client(api).Block(_target(service, flow))
+    out.print(reply.description, highlight=False)
+
+
+@app.command()
+def unblock(
+    service: Annotated[str | None, typer.Option(help="Unblock a service IP:PORT.")] = None,
+    flow: Annotated[int | None, typer.Option(help="Unblock one flow by id.")] = None,
+    api: ApiOpt = DEFAULT_API,
+) -> None:
+    """Remove a block; open connections can send again."""
+    reply = _client(api).Unblock(_target(service, flow))
+    out.print(reply.description, highlight=False)
+
+
+@app.command()
+def status(
+    api: ApiOpt = DEFAULT_API,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    ready: Annotated[
+        bool, typer.Option("--ready", help="Exit 0 only if the agent is ready.")
+    ] = False,
+) -> None:
+    """Agent readiness, attachment and kernel counters."""
+    from google.protobuf.json_format import MessageToDict
+
+    from infertap.agent.api import infertap_pb2 as pb
+
+    st = _client(api).GetStatus(pb.StatusRequest())
+    if ready and not st.ready:
+        raise UserError("agent is not ready")
+    if as_json:
+        out.print_json(json.dumps(MessageToDict(st, preserving_proto_field_name=True)))
+        return
+    out.print(
+        f"infertap {st.version}: {'ready' if st.ready else 'starting'}, {st.mode} mode, "
+        f"{st.flows_active} flow(s), headers {st.headers}",
+        highlight=False,
+    )
+    for k, v in sorted(st.kernel_stats.items()):
+        out.print(f"  {k:18} {v}", highlight=False)
+
+
+@app.command()
+def events(
+    api: ApiOpt = DEFAULT_API,
+    kind: Annotated[list[str] | None, typer.Option(help="Only these kinds (repeatable).")] = None,
+) -> None:
+    """Stream live events (flows, HTTP requests, verdicts) as JSON lines."""
+    from google.protobuf.json_format import MessageToJson
+
+    from infertap.agent.api import infertap_pb2 as pb
+
+    for ev in _client(api).StreamEvents(pb.StreamEventsRequest(kinds=kind or [])):
+        print(MessageToJson(ev, indent=None, preserving_proto_field_name=True), flush=True)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out.print(f"infertap {__version__}", highlight=False)
+
+
+def main() -> None:
+    """Entry point: maps user-caused errors to one line and exit code 1."""
+    import grpc
+
+    from infertap.agent.api.client import AgentUnreachable
+    from infertap.agent.kernel.cgroups import CgroupError
+    from infertap.agent.kernel.sensor import SensorError
+
+    try:
+        app()
+    except (UserError, AgentUnreachable, CgroupError, SensorError) as exc:
+        err.print(f"infertap: error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except grpc.RpcError as exc:
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        err.print(f"infertap: error: {details}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except OSError as exc:  # e.g. the metrics port is taken
+        err.print(
+            f"infertap: error: {exc.strerror or exc}"
+            + (f": {exc.filename}" if exc.filename else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
