@@ -74,6 +74,9 @@ class Pipeline:
         self._flows: dict[int, FlowInfo] = {}  # cookie -> flow
         # connection -> {role: flow}: which pod a request belongs to, without a scan
         self._by_conn: dict[ConnectionId, dict[Role, FlowInfo]] = {}
+        # In-process observers of raw samples (tests, benchmarks). Payload never leaves the process.
+        self.sample_taps: list[Callable[[Sample], None]] = []
+        self.flow_end_taps: list[Callable[[FlowEnd], None]] = []
         self.records = 0
         self.unknown_records = 0
         self.exchanges = 0
@@ -87,6 +90,8 @@ class Pipeline:
                 self.unknown_records += 1
                 return
             if isinstance(rec, Sample):
+                for tap in self.sample_taps:
+                    tap(rec)
                 self._exchanges(self.decoder.on_sample(rec))
             elif isinstance(rec, FlowStart):
                 self._flows[rec.flow.cookie] = rec.flow
@@ -94,6 +99,8 @@ class Pipeline:
                 self.decoder.on_flow_start(rec.flow)
                 self.events.publish(AgentEvent("flow_start", rec.ts_ns, flow_dict(rec.flow)))
             elif isinstance(rec, FlowEnd):
+                for tap in self.flow_end_taps:
+                    tap(rec)
                 self._flow_end(rec)
         except Exception:  # a bug, not bad input: log it with its traceback, keep reading
             log.exception("record handling failed")
@@ -103,7 +110,7 @@ class Pipeline:
         flow = rec.flow
         if not flow.cgroup_id and known is not None:
             flow.cgroup_id = known.cgroup_id
-        self._exchanges(self.decoder.on_flow_end(flow.cookie))
+        self._exchanges(self.decoder.on_flow_end(flow.cookie, final_offset=flow.stream_bytes))
         ends = self._by_conn.get(flow.connection)
         if ends is not None:
             ends.pop(flow.role, None)

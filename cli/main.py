@@ -105,7 +105,10 @@ def run(
     try:
         agent.start()
         where = ", ".join(str(p) for p in agent.sensor.attached)
-        metrics = f"http://{metrics_addr}/metrics" if metrics_addr else "off"
+        metrics = "off"
+        if agent.metrics is not None:
+            host = parse_host_port(metrics_addr, "--metrics-addr")[0]
+            metrics = f"http://{host}:{agent.metrics.port}/metrics"
         out.print(
             f"infertap ready: sockops on {where} ({options.mode} mode), "
             f"ports {list(options.ports) or 'all'}, metrics {metrics}, api {api or 'off'}",
@@ -208,7 +211,8 @@ def block(
     api: ApiOpt = DEFAULT_API,
 ) -> None:
     """Drop sends to a service or on a flow in the kernel: the sender gets EACCES."""
-    reply = _client(api).Block(_target(service, flow))
+    target = _target(service, flow)
+    reply = _client(api).Block(target)
     out.print(reply.description, highlight=False)
 
 
@@ -219,7 +223,8 @@ def unblock(
     api: ApiOpt = DEFAULT_API,
 ) -> None:
     """Remove a block; open connections can send again."""
-    reply = _client(api).Unblock(_target(service, flow))
+    target = _target(service, flow)
+    reply = _client(api).Unblock(target)
     out.print(reply.description, highlight=False)
 
 

@@ -70,6 +70,7 @@ class Sensor:
         self._msg: Any = None
         self._sockhash_fd = -1
         self._attached: list[Path] = []
+        self._tables: dict[tuple[str, Any, Any], Any] = {}
         self._registry = InstanceRegistry(options.run_dir)
         self._lock = threading.Lock()  # map writes from API threads and the policy engine
         self.compile_seconds = 0.0
@@ -159,6 +160,7 @@ class Sensor:
             except Exception as exc:
                 log.debug("sk_msg detach: %s", exc)
             self._sockhash_fd = -1
+        self._tables.clear()
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
@@ -255,7 +257,13 @@ class Sensor:
         return bpfsys.prog_info(fn.fd).id
 
     def table(self, name: str, key: type[Any] | None = None, leaf: type[Any] | None = None) -> Any:
-        return self._bpf.get_table(name, keytype=key, leaftype=leaf)
+        """A BCC view of a map, made once per (name, key, leaf) and reused."""
+        cache_key = (name, key, leaf)
+        table = self._tables.get(cache_key)
+        if table is None:
+            table = self._bpf.get_table(name.encode(), keytype=key, leaftype=leaf)
+            self._tables[cache_key] = table
+        return table
 
     @property
     def ring_fd(self) -> int:
