@@ -14,7 +14,8 @@ demo: setup
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
-	.venv/bin/mypy -p infertap -p tests -p benchmarks
+	.venv/bin/mypy -p infertap
+	.venv/bin/mypy tests benchmarks
 
 test: setup lint
 	$(PY) -m pytest -q

@@ -99,8 +99,8 @@ class Pipeline:
                 self.decoder.on_flow_start(rec.flow)
                 self.events.publish(AgentEvent("flow_start", rec.ts_ns, flow_dict(rec.flow)))
             elif isinstance(rec, FlowEnd):
-                for tap in self.flow_end_taps:
-                    tap(rec)
+                for end_tap in self.flow_end_taps:
+                    end_tap(rec)
                 self._flow_end(rec)
         except Exception:  # a bug, not bad input: log it with its traceback, keep reading
             log.exception("record handling failed")

@@ -93,9 +93,10 @@ def agent(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         )
     )
     a.start()
-    a.recorder = Recorder()
-    a.pipeline.sample_taps.append(a.recorder.on_sample)
-    a.pipeline.flow_end_taps.append(a.recorder.on_end)
+    recorder = Recorder()
+    a.pipeline.sample_taps.append(recorder.on_sample)
+    a.pipeline.flow_end_taps.append(recorder.on_end)
+    a.recorder = recorder  # type: ignore[attr-defined]  # tests read it as agent.recorder
     yield a
     a.stop()
 
@@ -125,8 +126,11 @@ PEER = [sys.executable, "-m", "infertap.agent.testbed.peer"]
 
 
 def start_server(pod: Any, port: int, echo: bool = False) -> subprocess.Popen[str]:
-    proc = pod.popen([*PEER, "serve", str(port), *(["--echo"] if echo else [])],
-                     stdout=subprocess.PIPE, text=True)
+    proc: subprocess.Popen[str] = pod.popen(
+        [*PEER, "serve", str(port), *(["--echo"] if echo else [])],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     return proc
@@ -134,7 +138,10 @@ def start_server(pod: Any, port: int, echo: bool = False) -> subprocess.Popen[st
 
 def start_client(pod: Any, host: str, port: int, nonblocking: bool = False) -> PeerClient:
     argv = [*PEER, "client", host, str(port), *(["--nonblocking"] if nonblocking else [])]
-    return PeerClient(pod.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+    proc: subprocess.Popen[str] = pod.popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    return PeerClient(proc)
 
 
 def repo_root() -> Path:

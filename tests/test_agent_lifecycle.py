@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import needs_root, start_client, start_server
 
 pytestmark = [needs_root, pytest.mark.kernel]
@@ -23,8 +22,9 @@ INFERTAP = [sys.executable, "-m", "infertap.cli.main"]
 
 def attached(cgroup: Path) -> list[dict[str, Any]]:
     """Programs attached to a cgroup, as the kernel reports them through bpftool."""
-    out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cgroup)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["bpftool", "-j", "cgroup", "show", str(cgroup)], capture_output=True, text=True, check=True
+    ).stdout
     return [p for p in json.loads(out.strip() or "[]") if p.get("name", "").startswith("itap_")]
 
 
@@ -35,7 +35,10 @@ def start_agent(cgroups: list[Path], api: Path) -> subprocess.Popen[str]:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
-    assert line.startswith("infertap ready:"), (line, proc.stderr.read() if proc.poll() else "")
+    if not line.startswith("infertap ready:"):
+        proc.wait(timeout=30)
+        err = proc.stderr.read() if proc.stderr else ""
+        raise AssertionError(f"agent did not start: {line!r} {err}")
     return proc
 
 
@@ -82,7 +85,9 @@ def test_kill_9_leaves_traffic_flowing_and_a_restart_cleans_up(
     fresh.close()
 
 
-def test_clean_exit_on_sigint_leaves_nothing_attached(pods: tuple[Any, Any], tmp_path: Path) -> None:
+def test_clean_exit_on_sigint_leaves_nothing_attached(
+    pods: tuple[Any, Any], tmp_path: Path
+) -> None:
     client, server = pods
     proc = start_agent([client.cgroup, server.cgroup], tmp_path / "a.sock")
     assert len(attached(client.cgroup)) == 1
@@ -101,8 +106,12 @@ def test_api_socket_is_root_only(pods: tuple[Any, Any], tmp_path: Path) -> None:
     try:
         mode = os.stat(tmp_path / "api.sock").st_mode & 0o777
         assert mode == 0o600
-        out = subprocess.run([*INFERTAP, "status", "--json", "--api", f"unix:{tmp_path}/api.sock"],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [*INFERTAP, "status", "--json", "--api", f"unix:{tmp_path}/api.sock"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         status = json.loads(out)
         assert status["ready"] is True and status["mode"] == "pods"
     finally:
@@ -119,20 +128,28 @@ def test_cli_flows_block_unblock_through_the_api(agent: Any, lab: Any) -> None:
     deadline = time.monotonic() + 5
     flows: list[dict[str, Any]] = []
     while time.monotonic() < deadline and len(flows) < 2:
-        out = subprocess.run([*INFERTAP, "flows", "--json", "--api", api],
-                             capture_output=True, text=True, check=True).stdout
-        flows = [f for f in json.loads(out)["flows"]
-                 if 8202 in (f["local"]["port"], f["remote"]["port"])]
+        out = subprocess.run(
+            [*INFERTAP, "flows", "--json", "--api", api], capture_output=True, text=True, check=True
+        ).stdout
+        flows = [
+            f for f in json.loads(out)["flows"] if 8202 in (f["local"]["port"], f["remote"]["port"])
+        ]
     assert {f["role"] for f in flows} == {"client", "server"}
     mine = next(f for f in flows if f["role"] == "client")
     assert int(mine["messages"]) == 1 and int(mine["bytes"]) == 10
 
-    r = subprocess.run([*INFERTAP, "block", "--flow", str(mine["id"]), "--api", api],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [*INFERTAP, "block", "--flow", str(mine["id"]), "--api", api],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "block flow" in r.stdout
     assert peer.cmd("send 10 2") == "err EACCES"
-    r = subprocess.run([*INFERTAP, "unblock", "--flow", str(mine["id"]), "--api", api],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [*INFERTAP, "unblock", "--flow", str(mine["id"]), "--api", api],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "unblocked" in r.stdout
     assert peer.cmd("send 10 3") == "ok 10" and peer.cmd("recv 20") == "ok 20"
     peer.close()

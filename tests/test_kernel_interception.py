@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from conftest import needs_root, start_client, start_server
+
 from infertap.agent.flows.records import FlowInfo, Role, Sample
 from infertap.agent.kernel import structs
 from infertap.agent.testbed.peer import payload
@@ -18,8 +18,11 @@ pytestmark = [needs_root, pytest.mark.kernel]
 def client_flow(agent: Any, server_ip: str, port: int) -> FlowInfo:
     def find() -> FlowInfo | None:
         return next(
-            (f for f in agent.flows()
-             if f.role is Role.CLIENT and f.remote.ip == server_ip and f.remote.port == port),
+            (
+                f
+                for f in agent.flows()
+                if f.role is Role.CLIENT and f.remote.ip == server_ip and f.remote.port == port
+            ),
             None,
         )
 
@@ -119,8 +122,9 @@ def test_block_gives_eacces_and_unblock_reopens_the_same_connection(agent: Any, 
     flow = client_flow(agent, server.ip, 8104)
     assert flow.drops >= 1
     # Only the passed messages count as stream bytes, and sampling carries on after the unblock.
-    agent.recorder.wait_for(lambda: any(
-        s.offset == 500 for s in agent.recorder.samples_of(flow.cookie)))
+    agent.recorder.wait_for(
+        lambda: any(s.offset == 500 for s in agent.recorder.samples_of(flow.cookie))
+    )
     after = next(s for s in agent.recorder.samples_of(flow.cookie) if s.offset == 500)
     assert after.data == payload(500, 4)
     peer.close()
@@ -132,11 +136,18 @@ def test_block_one_flow_leaves_other_flows_to_the_same_service_alone(agent: Any,
     a = start_client(client, server.ip, 8105)
     b = start_client(client, server.ip, 8105)
     assert a.cmd("send 10 1") == "ok 10" and b.cmd("send 10 1") == "ok 10"
-    flows = agent.recorder.wait_for(lambda: [
-        f for f in agent.flows()
-        if f.role is Role.CLIENT and f.remote.port == 8105 and f.messages >= 1] if len([
-            f for f in agent.flows() if f.role is Role.CLIENT and f.remote.port == 8105]) == 2
-        else None)
+    flows = agent.recorder.wait_for(
+        lambda: (
+            [
+                f
+                for f in agent.flows()
+                if f.role is Role.CLIENT and f.remote.port == 8105 and f.messages >= 1
+            ]
+            if len([f for f in agent.flows() if f.role is Role.CLIENT and f.remote.port == 8105])
+            == 2
+            else None
+        )
+    )
     target = flows[0]
     assert agent.verdicts.block_flow(target.cookie, "test") is not None
     results = {a.cmd("send 10 2"), b.cmd("send 10 2")}
@@ -154,8 +165,11 @@ def test_ipv4_ports_and_addresses_decode_as_the_sockets_see_them(agent: Any, lab
     assert peer.cmd("send 1 1") == "ok 1"
     flow = client_flow(agent, server.ip, 8106)
     assert flow.local.ip == client.ip and flow.remote == flow.service
-    server_flow = agent.recorder.wait_for(lambda: next(
-        (f for f in agent.flows() if f.role is Role.SERVER and f.remote == flow.local), None))
+    server_flow = agent.recorder.wait_for(
+        lambda: next(
+            (f for f in agent.flows() if f.role is Role.SERVER and f.remote == flow.local), None
+        )
+    )
     assert server_flow.local.port == 8106 and server_flow.connection == flow.connection
     assert server_flow.cgroup_id == 0 or server_flow.cgroup_id == server.cgroup_id
     peer.close()
@@ -172,8 +186,9 @@ def test_sample_size_classes_cover_the_configured_limit(agent: Any, lab: Any) ->
             assert peer.cmd(f"send {n} {seed}") == f"ok {n}"
             sent += payload(n, seed)
         flow = client_flow(agent, server.ip, 8107)
-        agent.recorder.wait_for(lambda: sum(
-            s.msg_len for s in agent.recorder.samples_of(flow.cookie)) >= len(sent))
+        agent.recorder.wait_for(
+            lambda: sum(s.msg_len for s in agent.recorder.samples_of(flow.cookie)) >= len(sent)
+        )
         samples = agent.recorder.samples_of(flow.cookie)
         for s in samples:
             assert len(s.data) == min(s.msg_len, structs.SAMPLE_MAX)

@@ -18,7 +18,7 @@ def _c_layout(tmp_path: Path) -> dict[str, int]:
     lines = []
     for cname, mirror in structs.MIRRORS.items():
         lines.append(f'printf("{cname} %zu\\n", sizeof(struct {cname}));')
-        for fname, _ftype in mirror._fields_:
+        for fname, *_ in mirror._fields_:
             lines.append(f'printf("{cname}.{fname} %zu\\n", offsetof(struct {cname}, {fname}));')
     src = tmp_path / "layout.c"
     src.write_text(
@@ -37,7 +37,7 @@ def test_python_mirrors_match_c_sizes_and_offsets(tmp_path: Path) -> None:
     c = _c_layout(tmp_path)
     for cname, mirror in structs.MIRRORS.items():
         assert ct.sizeof(mirror) == c[cname], cname
-        for fname, _ftype in mirror._fields_:
+        for fname, *_ in mirror._fields_:
             assert getattr(mirror, fname).offset == c[f"{cname}.{fname}"], f"{cname}.{fname}"
 
 

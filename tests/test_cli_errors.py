@@ -1,0 +1,128 @@
+"""Bad input a user can give gets one clear line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import IS_ROOT, needs_root
+
+INFERTAP = [sys.executable, "-m", "infertap.cli.main"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*INFERTAP, *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def assert_one_clear_line(r: subprocess.CompletedProcess[str], code: int, words: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr + r.stdout
+    assert words.lower() in (r.stderr + r.stdout).lower(), r.stderr
+
+
+def test_no_agent_running(tmp_path: Path) -> None:
+    r = run("flows", "--api", f"unix:{tmp_path}/none.sock")
+    assert_one_clear_line(r, 1, "no agent is running")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_block_needs_exactly_one_target(tmp_path: Path) -> None:
+    assert_one_clear_line(run("block", "--api", f"unix:{tmp_path}/x"), 1, "exactly one")
+    r = run("block", "--service", "1.2.3.4:80", "--flow", "3", "--api", f"unix:{tmp_path}/x")
+    assert_one_clear_line(r, 1, "exactly one")
+
+
+@pytest.mark.parametrize(
+    "service", ["nonsense", "10.0.0.1", "10.0.0.1:0", "999.1.1.1:80", "h:99999"]
+)
+def test_block_rejects_a_malformed_service(service: str, tmp_path: Path) -> None:
+    assert_one_clear_line(
+        run("block", "--service", service, "--api", f"unix:{tmp_path}/x"), 1, "--service"
+    )
+
+
+def test_port_out_of_range_is_a_usage_error() -> None:
+    r = run("run", "--port", "70000")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "65535" in r.stderr  # names the allowed range
+
+
+def test_unknown_flag_is_a_usage_error() -> None:
+    r = run("flows", "--bogus")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_bad_metrics_address() -> None:
+    assert_one_clear_line(run("run", "--metrics-addr", "localhost"), 1, "HOST:PORT")
+
+
+@needs_root
+def test_unknown_cgroup_is_refused_and_nothing_stays_attached(tmp_path: Path) -> None:
+    r = run(
+        "run",
+        "--cgroup",
+        "/no/such/cgroup",
+        "--api",
+        f"unix:{tmp_path}/a.sock",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    )
+    assert_one_clear_line(r, 1, "does not exist")
+
+
+@needs_root
+def test_metrics_port_in_use_fails_cleanly(lab: object, tmp_path: Path) -> None:
+    import socket
+
+    cg = lab.pods["client"].cgroup  # type: ignore[attr-defined]
+
+    def ours() -> int:
+        out = subprocess.run(
+            ["bpftool", "-j", "cgroup", "show", str(cg)], capture_output=True, text=True
+        ).stdout
+        return out.count("itap_sockops")
+
+    before = ours()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run(
+            "run",
+            "--cgroup",
+            str(cg),
+            "--api",
+            f"unix:{tmp_path}/a.sock",
+            "--metrics-addr",
+            f"127.0.0.1:{port}",
+        )
+    assert_one_clear_line(r, 1, "address already in use")
+    assert ours() == before  # the failed agent detached what it had attached
+
+
+@pytest.mark.skipif(not IS_ROOT or shutil.which("setpriv") is None, reason="needs root to drop it")
+def test_missing_privileges_is_one_line() -> None:
+    env = dict(os.environ)
+    r = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            *INFERTAP,
+            "run",
+            "--api",
+            "unix:/tmp/infertap-nobody.sock",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert_one_clear_line(r, 1, "needs root")
