@@ -2,6 +2,8 @@
 
     ring record -> decode -> Sample / FlowStart / FlowEnd
     Sample -> WireDecoder (reassembly, HTTP/1, HTTP/2) -> HttpExchange -> metrics, events
+    HttpExchange -> model adapters -> InferenceEvent -> inspectors -> Findings
+        -> metrics, redacted events, `on_findings` (policy actions, circuit breaker)
 
 Kept free of lifecycle concerns (runtime.py owns threads and the kernel), so it can be driven by
 recorded input in tests.
@@ -14,9 +16,21 @@ from collections.abc import Callable
 from typing import Any
 
 from infertap.agent.export.events import AgentEvent, EventHub
-from infertap.agent.export.metrics import FlowAccounting, TrafficMetrics
-from infertap.agent.flows.records import ConnectionId, FlowEnd, FlowInfo, FlowStart, Role, Sample
+from infertap.agent.export.metrics import FlowAccounting, InferenceMetrics, TrafficMetrics
+from infertap.agent.flows.records import (
+    ConnectionId,
+    FlowCgroup,
+    FlowEnd,
+    FlowInfo,
+    FlowStart,
+    Role,
+    Sample,
+)
+from infertap.agent.inspect.engine import InspectionEngine
+from infertap.agent.inspect.findings import Finding
 from infertap.agent.kernel.decode import decode_record
+from infertap.agent.models.adapt import to_inference_event
+from infertap.agent.models.events import InferenceEvent
 from infertap.agent.pods import PodDirectory
 from infertap.agent.protocols.classify import WireDecoder
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
@@ -37,6 +51,20 @@ def flow_dict(flow: FlowInfo) -> dict[str, Any]:
         "drops": flow.drops,
         "unseen_bytes": flow.unseen_bytes,
         "stream_bytes": flow.stream_bytes,
+    }
+
+
+def finding_dict(f: Finding) -> dict[str, Any]:
+    """Findings carry redacted values only (the inspectors never hold raw ones in a Finding)."""
+    return {
+        "kind": f.kind,
+        "model": f.model,
+        "type": f.type,
+        "location": f.location,
+        "severity": f.severity,
+        "redacted": f.redacted,
+        "value": f.value,
+        "message": f.message,
     }
 
 
@@ -64,6 +92,9 @@ class Pipeline:
         pods: PodDirectory,
         on_flow_end: Callable[[FlowInfo], None] = lambda f: None,
         decoder: WireDecoder | None = None,
+        inference: InferenceMetrics | None = None,
+        engine: InspectionEngine | None = None,
+        on_findings: Callable[[InferenceEvent, list[Finding]], None] = lambda e, f: None,
     ) -> None:
         self.events = events
         self.traffic = traffic
@@ -71,6 +102,10 @@ class Pipeline:
         self.pods = pods
         self.decoder = decoder or WireDecoder()
         self._on_flow_end = on_flow_end
+        self.inference = inference
+        self.engine = engine
+        self._on_findings = on_findings
+        self.inference_taps: list[Callable[[InferenceEvent], None]] = []
         self._flows: dict[int, FlowInfo] = {}  # cookie -> flow
         # connection -> {role: flow}: which pod a request belongs to, without a scan
         self._by_conn: dict[ConnectionId, dict[Role, FlowInfo]] = {}
@@ -98,6 +133,10 @@ class Pipeline:
                 self._by_conn.setdefault(rec.flow.connection, {})[rec.flow.role] = rec.flow
                 self.decoder.on_flow_start(rec.flow)
                 self.events.publish(AgentEvent("flow_start", rec.ts_ns, flow_dict(rec.flow)))
+            elif isinstance(rec, FlowCgroup):
+                known = self._flows.get(rec.flow.cookie)
+                if known is not None:  # the same object _by_conn holds
+                    known.cgroup_id = rec.flow.cgroup_id
             elif isinstance(rec, FlowEnd):
                 for end_tap in self.flow_end_taps:
                     end_tap(rec)
@@ -137,6 +176,58 @@ class Pipeline:
             if ex.latency_ns is not None:
                 data["latency_ms"] = ex.latency_ns / 1e6
             self.events.publish(AgentEvent("http", req.ts_ns, data))
+            if self.inference is not None:
+                self._inference(ex, pod)
+
+    def _inference(self, ex: HttpExchange, pod: tuple[str, str]) -> None:
+        ends = self._by_conn.get(ex.request.connection, {})
+        client, server = ends.get(Role.CLIENT), ends.get(Role.SERVER)
+        event = to_inference_event(
+            ex,
+            ex.request.connection.server,
+            client_cgroup=client.cgroup_id if client else 0,
+            server_cgroup=server.cgroup_id if server else 0,
+        )
+        if event is None or self.inference is None:
+            return
+        for tap in self.inference_taps:
+            tap(event)
+        latency = event.latency_ns / 1e9 if event.latency_ns is not None else None
+        self.inference.count(pod, event.model, event.version, event.protocol, event.status, latency)
+        findings = self.engine.inspect(event) if self.engine is not None else []
+        for f in findings:
+            if f.kind == "pii":
+                self.inference.count_pii(pod, event.model, f.type)
+            self.events.publish(AgentEvent("finding", event.ts_ns, finding_dict(f)))
+        self.events.publish(AgentEvent("inference", event.ts_ns, self._inference_dict(event, pod)))
+        if findings:
+            self._on_findings(event, findings)
+
+    def _inference_dict(self, e: InferenceEvent, pod: tuple[str, str]) -> dict[str, Any]:
+        """A redacted summary: names, shapes and types of tensors, never their values."""
+        pii = self.engine.pii if self.engine is not None else None
+        error = pii.redact_text(e.error) if (pii is not None and e.error) else e.error
+        return {
+            "model": e.model,
+            "version": e.version,
+            "protocol": e.protocol,
+            "service": str(e.service),
+            "pod": "/".join(p for p in pod if p),
+            "status": e.status,
+            "error": error[:200],
+            "latency_ms": e.latency_ns / 1e6 if e.latency_ns is not None else None,
+            "inputs": [
+                {
+                    "name": n,
+                    "shape": list(a.shape),
+                    "datatype": e.input_datatypes.get(n, str(a.dtype)),
+                }
+                for n, a in e.inputs.items()
+            ],
+            "outputs": sorted(e.outputs),
+            "request_truncated": e.request_truncated,
+            "payload_bytes": e.payload_bytes,
+        }
 
     def _cgroup_for(self, exchange: HttpExchange) -> int:
         """The pod a request is counted for: the server's when we see it, else the client's."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +21,14 @@ from infertap.agent.enforce.verdicts import VerdictStore
 from infertap.agent.export.events import AgentEvent, EventHub
 from infertap.agent.export.metrics import (
     FlowAccounting,
+    InferenceMetrics,
     KernelCollector,
     MetricsServer,
+    ModelStateCollector,
     TrafficMetrics,
 )
 from infertap.agent.flows.records import FlowInfo
+from infertap.agent.inspect.engine import InspectionEngine
 from infertap.agent.kernel.ringbuf import RingReader
 from infertap.agent.kernel.sensor import Sensor, SensorOptions
 from infertap.agent.pipeline import Pipeline
@@ -72,10 +76,20 @@ class Agent:
             collector(registry=self.registry)
         self.accounting = FlowAccounting()
         self.traffic = TrafficMetrics(self.registry)
+        self.inference = InferenceMetrics(self.registry)
+        self.engine = InspectionEngine()
+        self.policy_hash = ""
+        self.circuit_states: Callable[[], dict[str, int]] = dict
         self.pods = PodDirectory(self.sensor.mount)
         self.verdicts = VerdictStore(self.sensor)
         self.pipeline = Pipeline(
-            self.events, self.traffic, self.accounting, self.pods, on_flow_end=self._flow_ended
+            self.events,
+            self.traffic,
+            self.accounting,
+            self.pods,
+            on_flow_end=self._flow_ended,
+            inference=self.inference,
+            engine=self.engine,
         )
         self.ready = False
         self.started_at = time.time()
@@ -108,6 +122,11 @@ class Agent:
         self._reader_thread.start()
         self.registry.register(
             KernelCollector(self.sensor.flows, self.sensor.stats, self.pods.labels, self.accounting)
+        )
+        self.registry.register(
+            ModelStateCollector(
+                self.engine.drift_values, lambda: self.circuit_states(), lambda: self.policy_hash
+            )
         )
         if self.options.metrics_addr:
             host, port = parse_host_port(self.options.metrics_addr, "--metrics-addr")

@@ -23,6 +23,7 @@
 #define ITAP_REC_SAMPLE 1
 #define ITAP_REC_FLOW_START 2
 #define ITAP_REC_FLOW_END 3
+#define ITAP_REC_FLOW_CGROUP 4 /* the flow's first send: now its cgroup id is known */
 
 /* Sample flags. */
 #define ITAP_SAMPLE_TRUNCATED 1   /* the message is longer than the bytes captured */
@@ -91,7 +92,7 @@ struct itap_flow {
     __u32 seq_last;     /* tcp write_seq at the last message start (or at establishment) */
     __u8 role;          /* ITAP_ROLE_* */
     __u8 sampled;       /* 1 if this flow's messages are sampled */
-    __u8 announced;     /* 1 once the FLOW_START record went out (on the first send) */
+    __u8 announced;     /* 1 once the FLOW_CGROUP record went out (on the first send) */
     __u8 seq_ok;        /* 1 if seq_last is valid (write_seq tracking on) */
 };
 

@@ -223,6 +223,9 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, u8 role)
     }
     bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
     stat_add(ITAP_STAT_FLOWS_OPENED, 1);
+    /* Announced now, so userspace knows both ends of a connection before its first request
+     * is complete; the cgroup id follows with the first send (FLOW_CGROUP). */
+    emit_flow_record(ITAP_REC_FLOW_START, &flow);
 }
 
 static __always_inline void on_close(struct bpf_sock_ops *skops)
@@ -434,12 +437,12 @@ int itap_msg(struct sk_msg_md *msg)
     }
 
     if (!flow->announced) {
-        /* Announced on the first send, not at establishment: sock_ops runs in softirq context
-         * where neither the socket's cgroup (bpf_sk_cgroup_id is not allowed there) nor the
-         * current task's is meaningful. sendmsg runs in the sender's own context. */
+        /* The cgroup is learnt on the first send, not at establishment: sock_ops runs in
+         * softirq context where neither the socket's cgroup (bpf_sk_cgroup_id is not allowed
+         * there) nor the current task's is meaningful. sendmsg runs in the sender's context. */
         flow->announced = 1;
         flow->cgroup_id = bpf_get_current_cgroup_id();
-        emit_flow_record(ITAP_REC_FLOW_START, flow);
+        emit_flow_record(ITAP_REC_FLOW_CGROUP, flow);
     }
 
     flow->next_offset = offset + size;

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from infertap.agent.flows.records import FlowEnd, Sample
+from infertap.agent.models.events import InferenceEvent
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="kernel tests need root (CI runs as root)")
@@ -39,11 +40,16 @@ class Recorder:
 
     samples: list[Sample] = field(default_factory=list)
     ends: list[FlowEnd] = field(default_factory=list)
+    inferences: list[InferenceEvent] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_sample(self, s: Sample) -> None:
         with self.lock:
             self.samples.append(s)
+
+    def on_inference(self, e: InferenceEvent) -> None:
+        with self.lock:
+            self.inferences.append(e)
 
     def on_end(self, e: FlowEnd) -> None:
         with self.lock:
@@ -96,6 +102,7 @@ def agent(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     recorder = Recorder()
     a.pipeline.sample_taps.append(recorder.on_sample)
     a.pipeline.flow_end_taps.append(recorder.on_end)
+    a.pipeline.inference_taps.append(recorder.on_inference)
     a.recorder = recorder  # type: ignore[attr-defined]  # tests read it as agent.recorder
     yield a
     a.stop()

@@ -6,7 +6,7 @@ import ctypes as ct
 import socket
 import struct
 
-from infertap.agent.flows.records import Endpoint, FlowEnd, FlowStart, Role, Sample
+from infertap.agent.flows.records import Endpoint, FlowCgroup, FlowEnd, FlowStart, Role, Sample
 from infertap.agent.kernel import decode, structs
 
 
@@ -77,6 +77,10 @@ def test_records_decode_by_kind() -> None:
     )
     assert isinstance(start, FlowStart) and start.flow.cookie == 77 and start.ts_ns == 3
     assert isinstance(end, FlowEnd) and end.flow.local.port == 1
+    cg = decode.decode_record(
+        memoryview(bytes(structs.Record(kind=structs.REC_FLOW_CGROUP, ts_ns=5)) + bytes(flow))
+    )
+    assert isinstance(cg, FlowCgroup) and cg.flow.cgroup_id == 5
     assert decode.decode_record(memoryview(bytes(structs.Record(kind=99)))) is None
 
 

@@ -50,6 +50,7 @@ def test_python_constants_match_c_defines() -> None:
     assert defines["ITAP_REC_SAMPLE"] == structs.REC_SAMPLE
     assert defines["ITAP_REC_FLOW_START"] == structs.REC_FLOW_START
     assert defines["ITAP_REC_FLOW_END"] == structs.REC_FLOW_END
+    assert defines["ITAP_REC_FLOW_CGROUP"] == structs.REC_FLOW_CGROUP
     assert defines["ITAP_ROLE_CLIENT"] == structs.ROLE_CLIENT
     assert defines["ITAP_ROLE_SERVER"] == structs.ROLE_SERVER
     assert defines["ITAP_SAMPLE_TRUNCATED"] == structs.SAMPLE_TRUNCATED

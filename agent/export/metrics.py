@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import Collector
@@ -163,6 +163,114 @@ class TrafficMetrics:
         method = method.upper() if method.upper() in KNOWN_METHODS else "OTHER"
         code_label = str(code) if code else "none"
         self.http_requests.labels(*pod, service, method, code_label).inc()
+
+
+MAX_MODELS = 50  # distinct model label values before unknown models fold into "other"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ModelLabels:
+    """Keeps the model label bounded: models named by the policy, then the first ones seen,
+    then everything else folds into "other"."""
+
+    def __init__(self, known: Iterable[str] = (), limit: int = MAX_MODELS) -> None:
+        self._known = set(known)
+        self._seen: set[str] = set()
+        self._limit = limit
+
+    def set_known(self, known: Iterable[str]) -> None:
+        self._known = set(known)
+
+    def __call__(self, model: str) -> str:
+        if not model:
+            return "unknown"
+        if model in self._known or model in self._seen:
+            return model
+        if len(self._seen) < self._limit:
+            self._seen.add(model)
+            return model
+        return "other"
+
+
+class InferenceMetrics:
+    """Per-model request counts and latency, and PII findings, updated by the pipeline."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.model_label = ModelLabels()
+        self.requests = Counter(
+            "infertap_inference_requests_total",
+            "Model inference calls seen, by model, version, protocol and result code.",
+            labelnames=(*POD_LABELS, "model", "version", "protocol", "code"),
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "infertap_inference_latency_seconds",
+            "Request sent to first response byte sent, from kernel timestamps.",
+            labelnames=(*POD_LABELS, "model", "version", "protocol"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.pii = Counter(
+            "infertap_pii_findings_total",
+            "PII found in model requests, by type (values are never exported).",
+            labelnames=(*POD_LABELS, "model", "type"),
+            registry=registry,
+        )
+
+    def count(
+        self,
+        pod: PodLabels,
+        model: str,
+        version: str,
+        protocol: str,
+        code: str,
+        latency_s: float | None,
+    ) -> None:
+        m = self.model_label(model)
+        version = version[:32]  # free text from the wire: keep it short
+        self.requests.labels(*pod, m, version, protocol, code or "none").inc()
+        if latency_s is not None:
+            self.latency.labels(*pod, m, version, protocol).observe(latency_s)
+
+    def count_pii(self, pod: PodLabels, model: str, pii_type: str) -> None:
+        self.pii.labels(*pod, self.model_label(model), pii_type[:40]).inc()
+
+
+class ModelStateCollector(Collector):
+    """Drift values, circuit states and the policy hash, read at scrape time."""
+
+    def __init__(
+        self,
+        drift: Callable[[], dict[tuple[str, str, str], float]],
+        circuits: Callable[[], dict[str, int]],
+        policy_hash: Callable[[], str],
+    ) -> None:
+        self._drift = drift
+        self._circuits = circuits
+        self._policy_hash = policy_hash
+
+    def collect(self) -> Iterator[Metric]:
+        d = GaugeMetricFamily(
+            "infertap_feature_drift",
+            "Feature drift against the training baseline over the sliding window.",
+            labels=("model", "feature", "stat"),
+        )
+        for (model, feature, stat), value in sorted(self._drift().items()):
+            d.add_metric([model, feature, stat], value)
+        yield d
+        c = GaugeMetricFamily(
+            "infertap_circuit_state",
+            "Circuit breaker per model: 0 closed, 1 half-open, 2 open.",
+            labels=("model",),
+        )
+        for model, state in sorted(self._circuits().items()):
+            c.add_metric([model], state)
+        yield c
+        p = GaugeMetricFamily(
+            "infertap_policy_info", "The loaded policy, by content hash.", labels=("hash",)
+        )
+        p.add_metric([self._policy_hash() or "none"], 1)
+        yield p
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -125,6 +125,14 @@ class FlowEnd:
 
 @dataclass(frozen=True, slots=True)
 class FlowStart:
+    """The connection was established; the flow's cgroup is not known yet (cgroup_id 0)."""
+
+    flow: FlowInfo
+    ts_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlowCgroup:
     """The flow's first send: the kernel now knows its cgroup (see bpf/intercept.c)."""
 
     flow: FlowInfo

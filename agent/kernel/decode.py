@@ -9,7 +9,15 @@ from __future__ import annotations
 import socket
 import struct
 
-from infertap.agent.flows.records import Endpoint, FlowEnd, FlowInfo, FlowStart, Role, Sample
+from infertap.agent.flows.records import (
+    Endpoint,
+    FlowCgroup,
+    FlowEnd,
+    FlowInfo,
+    FlowStart,
+    Role,
+    Sample,
+)
 from infertap.agent.kernel import structs
 
 # struct itap_record
@@ -21,7 +29,7 @@ FLOW = struct.Struct("<11Q4H16s16sIBBBB")
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
 
-Record = Sample | FlowStart | FlowEnd
+Record = Sample | FlowStart | FlowCgroup | FlowEnd
 
 
 def ip_text(family: int, raw: bytes) -> str:
@@ -101,6 +109,8 @@ def decode_record(view: memoryview) -> Record | None:
         )
     if kind == structs.REC_FLOW_START:
         return FlowStart(flow=decode_flow(view, RECORD.size), ts_ns=ts_ns)
+    if kind == structs.REC_FLOW_CGROUP:
+        return FlowCgroup(flow=decode_flow(view, RECORD.size), ts_ns=ts_ns)
     if kind == structs.REC_FLOW_END:
         return FlowEnd(flow=decode_flow(view, RECORD.size), ts_ns=ts_ns)
     return None

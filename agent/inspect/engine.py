@@ -1,0 +1,82 @@
+"""Runs the inspectors over each InferenceEvent: PII, then (for models with a baseline) schema
+checks and feature drift. One object so the pipeline has one call, and a policy reload can swap
+the configuration in one place."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from infertap.agent.inspect.baseline import Baseline
+from infertap.agent.inspect.drift import DriftConfig, DriftMonitor
+from infertap.agent.inspect.findings import Finding
+from infertap.agent.inspect.pii import PiiScanner
+from infertap.agent.inspect.schema import SchemaChecker, SchemaConfig
+from infertap.agent.models.events import InferenceEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InspectionConfig:
+    pii_enabled: bool = True
+    pii_custom: Mapping[str, str] = field(default_factory=dict)
+    baselines: Mapping[str, Baseline] = field(default_factory=dict)  # model name -> baseline
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    schema: SchemaConfig = field(default_factory=SchemaConfig)
+
+
+class InspectionEngine:
+    def __init__(self, config: InspectionConfig | None = None, secret: bytes | None = None) -> None:
+        self._lock = threading.Lock()
+        self._secret = secret
+        self.configure(config or InspectionConfig())
+
+    def configure(self, config: InspectionConfig) -> None:
+        """Swap in a new configuration (policy reload). Drift windows restart."""
+        pii = (
+            PiiScanner(secret=self._secret, custom=dict(config.pii_custom))
+            if config.pii_enabled
+            else None
+        )
+        drift = {m: DriftMonitor(b, config.drift) for m, b in config.baselines.items()}
+        schema = {m: SchemaChecker(b, config.schema) for m, b in config.baselines.items()}
+        with self._lock:
+            self._pii = pii
+            self._drift = drift
+            self._schema = schema
+            self.config = config
+
+    @property
+    def pii(self) -> PiiScanner | None:
+        return self._pii
+
+    def inspect(self, event: InferenceEvent) -> list[Finding]:
+        with self._lock:
+            pii, drift, schema = (
+                self._pii,
+                self._drift.get(event.model),
+                self._schema.get(event.model),
+            )
+        findings: list[Finding] = []
+        if pii is not None:
+            findings += pii.scan_event(event)
+        if event.request_truncated or not event.inputs:
+            return findings  # missing tensors must not read as drift or schema problems
+        if schema is not None:
+            findings += schema.check(event)
+        if drift is not None:
+            findings += drift.observe(event)
+        return findings
+
+    def drift_values(self) -> dict[tuple[str, str, str], float]:
+        """(model, feature, stat) -> current value, for the feature drift gauge."""
+        with self._lock:
+            monitors = dict(self._drift)
+        out: dict[tuple[str, str, str], float] = {}
+        for model, mon in monitors.items():
+            for (feature, stat), value in mon.metrics().items():
+                out[(model, feature, stat)] = value
+        return out

@@ -1,0 +1,1 @@
+"""The policy file: what infertap inspects and what it does about findings (see loader.py)."""
