@@ -8,6 +8,7 @@ instant, open to others.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -64,7 +65,12 @@ def verdict_pb(v: Verdict) -> pb.Verdict:
 
 
 def event_pb(e: AgentEvent) -> pb.Event:
-    out = pb.Event(ts_ns=e.ts_ns, kind=e.kind, message=str(e.data.get("description", "")))
+    out = pb.Event(
+        ts_ns=e.ts_ns,
+        kind=e.kind,
+        message=str(e.data.get("description", "")),
+        data_json=json.dumps(e.data, default=str),
+    )
     if e.kind in ("flow_start", "flow_end"):
         d = e.data
         out.flow.CopyFrom(
@@ -185,6 +191,20 @@ class ControlServicer(pb_grpc.ControlServicer):
         self, request: pb.ListVerdictsRequest, context: grpc.ServicerContext
     ) -> pb.ListVerdictsResponse:
         return pb.ListVerdictsResponse(verdicts=[verdict_pb(v) for v in self.agent.verdicts.list()])
+
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
+        a = self.agent
+        models: dict[str, pb.ModelState] = {}
+        for name, state in a.circuit_states().items():
+            models[name] = pb.ModelState(name=name, circuit_state=state)
+        for (model, feature, stat), value in sorted(a.engine.drift_values().items()):
+            m = models.setdefault(model, pb.ModelState(name=model))
+            m.drift.append(pb.DriftValue(feature=feature, stat=stat, value=value))
+        return pb.ListModelsResponse(
+            models=[models[k] for k in sorted(models)], policy_hash=a.policy_hash
+        )
 
     def StreamEvents(
         self, request: pb.StreamEventsRequest, context: grpc.ServicerContext
