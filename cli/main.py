@@ -6,6 +6,12 @@ line and exit non-zero; only bugs print a traceback.
 
 from __future__ import annotations
 
+import os
+
+# The agent and the demo start pod processes while gRPC threads run; grpc's fork handlers would
+# only print warnings about it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import json
 import logging
 import signal
@@ -268,6 +274,24 @@ def events(
 
     for ev in _client(api).StreamEvents(pb.StreamEventsRequest(kinds=kind or [])):
         print(MessageToJson(ev, indent=None, preserving_proto_field_name=True), flush=True)
+
+
+@app.command(epilog="Examples:\n\n  infertap demo\n\n  infertap demo --no-tui --duration 30")
+def demo(
+    no_tui: Annotated[
+        bool, typer.Option("--no-tui", help="Print a summary instead of top.")
+    ] = False,
+    duration: Annotated[
+        float, typer.Option(min=5, help="Seconds of client traffic (all three phases).")
+    ] = 60.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "warning",
+) -> None:
+    """Two local pods, a real V2 model server, a feature-store client; watch it from the kernel."""
+    from infertap.agent.demo import run_demo
+
+    _setup_logging(log_level)
+    code = run_demo(duration, tui=not no_tui, console=out)
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -1,0 +1,216 @@
+"""`infertap demo`: the embedded default, end to end on one machine.
+
+Two pods (cgroup + network namespace + veth): `fraud-model` runs a real KServe V2 server (REST and
+gRPC); `feature-store` calls it with tritonclient through three phases (normal traffic, PII
+leaking into requests, drifted features). The agent intercepts both pods from the kernel with a
+baseline of the model's training data, and either opens `infertap top` or, with `--no-tui`, runs
+for a while and prints what it saw. Everything is removed on exit, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from infertap.agent.export.events import AgentEvent
+from infertap.agent.inspect.baseline import Baseline, build_baseline
+from infertap.agent.inspect.engine import InspectionConfig
+from infertap.agent.runtime import Agent, AgentOptions
+from infertap.agent.testbed.fraud_model import FEATURES, example_transactions
+from infertap.agent.testbed.pods import Lab
+
+log = logging.getLogger(__name__)
+HTTP_PORT, GRPC_PORT = 8000, 8001
+
+
+@dataclass
+class Tally:
+    """What the demo saw, folded from the agent's event stream (already redacted)."""
+
+    calls: collections.Counter[tuple[str, str, str]] = field(default_factory=collections.Counter)
+    latencies: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    pii: collections.Counter[str] = field(default_factory=collections.Counter)
+    pii_examples: dict[str, str] = field(default_factory=dict)
+    drift_alerts: set[str] = field(default_factory=set)
+    circuit: list[str] = field(default_factory=list)
+    verdicts: list[str] = field(default_factory=list)
+
+    def add(self, ev: AgentEvent) -> None:
+        d = ev.data
+        if ev.kind == "inference":
+            self.calls[(d["model"], d["protocol"], d["status"] or "none")] += 1
+            if d.get("latency_ms") is not None:
+                self.latencies[d["protocol"]].append(float(d["latency_ms"]))
+        elif ev.kind == "finding" and d["kind"] == "pii":
+            self.pii[d["type"]] += 1
+            self.pii_examples.setdefault(d["type"], f"{d['redacted']} at {d['location']}")
+        elif ev.kind == "finding" and d["kind"] == "drift" and d["severity"] == "alert":
+            self.drift_alerts.add(d["location"])
+        elif ev.kind == "circuit":
+            self.circuit.append(
+                f"{d['model']}: {d['from_state']} -> {d['to_state']} ({d['reason']})"
+            )
+        elif ev.kind == "verdict":
+            self.verdicts.append(str(d.get("description", "")))
+
+
+def fraud_baseline(workdir: Path) -> Baseline:
+    """The fraud model's training distribution, as a baseline file (what `baseline build` makes)."""
+    data = example_transactions(20000, np.random.default_rng(0), fraud_rate=0.05)
+    npy = workdir / "fraud-training.npy"
+    np.save(npy, data)
+    return build_baseline(npy, "fraud", workdir / "fraud.baseline.json", features=list(FEATURES))
+
+
+def run_demo(
+    duration: float,
+    tui: bool,
+    console: Console,
+    metrics_addr: str = "127.0.0.1:0",
+    api: str = "unix:/run/infertap/demo-api.sock",
+) -> int:
+    py = sys.executable
+    with tempfile.TemporaryDirectory(prefix="infertap-demo-") as tmp, Lab() as lab:
+        workdir = Path(tmp)
+        server = lab.add_pod("fraud-model")
+        client = lab.add_pod("feature-store")
+        console.print(
+            f"pods: feature-store {client.ip} -> fraud-model {server.ip} "
+            f"(V2 REST :{HTTP_PORT}, gRPC :{GRPC_PORT})",
+            highlight=False,
+        )
+        baseline = fraud_baseline(workdir)
+        agent = Agent(
+            AgentOptions(
+                cgroups=(str(client.cgroup), str(server.cgroup)),
+                ports=(HTTP_PORT, GRPC_PORT),
+                metrics_addr=metrics_addr,
+                api_addr=api,
+                sample_bytes=16384,
+            )
+        )
+        agent.engine.configure(InspectionConfig(baselines={"fraud": baseline}))
+        agent.inference.model_label.set_known(["fraud"])
+        tally = Tally()
+        try:
+            agent.start()
+            sub = agent.events.subscribe(frozenset({"inference", "finding", "circuit", "verdict"}))
+            stop = threading.Event()
+
+            def fold() -> None:
+                while not stop.is_set():
+                    ev = sub.get(0.2)
+                    if ev is not None:
+                        tally.add(ev)
+
+            folder = threading.Thread(target=fold, daemon=True)
+            folder.start()
+            v2 = server.popen(
+                [
+                    py,
+                    "-m",
+                    "infertap.agent.testbed.v2server",
+                    "--host",
+                    "0.0.0.0",
+                    "--http-port",
+                    str(HTTP_PORT),
+                    "--grpc-port",
+                    str(GRPC_PORT),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert v2.stdout is not None
+            console.print(v2.stdout.readline().strip(), highlight=False)
+            port = agent.metrics.port if agent.metrics else 0
+            console.print(
+                f"agent ready: metrics http://127.0.0.1:{port}/metrics, api {api}", highlight=False
+            )
+            fs = client.popen(
+                [
+                    py,
+                    "-m",
+                    "infertap.agent.testbed.feature_store",
+                    server.ip,
+                    str(HTTP_PORT),
+                    str(GRPC_PORT),
+                    str(duration),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            if tui:
+                # The operator's view, as its own process: exactly what `infertap top` shows.
+                subprocess.run([py, "-m", "infertap.cli.main", "top", "--api", api], check=False)
+            else:
+                assert fs.stdout is not None
+                for line in fs.stdout:
+                    console.print(f"feature-store: {line.strip()}", highlight=False)
+                fs.wait(timeout=duration + 60)
+                time.sleep(1.0)  # let the last samples through the ring
+            stop.set()
+            folder.join(timeout=2)
+            summary(console, agent, tally)
+        finally:
+            agent.stop()
+    return 0
+
+
+def summary(console: Console, agent: Agent, tally: Tally) -> None:
+    stats = agent.sensor.stats()
+    console.print(
+        f"\nkernel: {stats['flows_opened']} flows, {stats['msgs']} messages, "
+        f"{stats['bytes']} bytes, {stats['samples']} samples "
+        f"({stats['samples_lost']} lost), {stats['verdict_drops']} sends dropped by "
+        "verdicts",
+        highlight=False,
+    )
+    t = Table(title="model calls seen from the kernel")
+    for col in ("model", "protocol", "status", "calls"):
+        t.add_column(col)
+    for (model, proto, status), n in sorted(tally.calls.items()):
+        t.add_row(model, proto, status, str(n))
+    console.print(t)
+    for proto, lat in sorted(tally.latencies.items()):
+        q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else lat * 99
+        console.print(
+            f"latency {proto}: p50 {q[49]:.2f} ms, p99 {q[98]:.2f} ms ({len(lat)} calls)",
+            highlight=False,
+        )
+    p = Table(title="PII found in requests (redacted)")
+    for col in ("type", "count", "example"):
+        p.add_column(col)
+    for kind, n in sorted(tally.pii.items()):
+        p.add_row(kind, str(n), tally.pii_examples[kind])
+    console.print(p)
+    d = Table(title="feature drift (fraud model, current window)")
+    for col in ("feature", "psi", "ks", "js", "alert"):
+        d.add_column(col)
+    values: dict[str, dict[str, float]] = collections.defaultdict(dict)
+    for (model, feature, stat), v in agent.engine.drift_values().items():
+        if model == "fraud":
+            values[feature][stat] = v
+    for feature in FEATURES:
+        row = values.get(feature, {})
+        d.add_row(
+            feature,
+            *(f"{row[s]:.3f}" if s in row else "-" for s in ("psi", "ks", "js")),
+            "ALERT" if feature in tally.drift_alerts else "",
+        )
+    console.print(d)
+    for line in tally.circuit:
+        console.print(f"circuit breaker: {line}", highlight=False)
+    for line in tally.verdicts:
+        console.print(f"verdict: {line}", highlight=False)
