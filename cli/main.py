@@ -290,7 +290,9 @@ def demo(
     from infertap.agent.demo import run_demo
 
     _setup_logging(log_level)
-    code = run_demo(duration, tui=not no_tui, console=out)
+    # Without a terminal (CI, a pipe) the live view cannot run: print the summary instead.
+    tui = not no_tui and sys.stdout.isatty()
+    code = run_demo(duration, tui=tui, console=out)
     raise typer.Exit(code)
 
 
