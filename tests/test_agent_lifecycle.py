@@ -153,3 +153,53 @@ def test_cli_flows_block_unblock_through_the_api(agent: Any, lab: Any) -> None:
     assert r.returncode == 0 and "unblocked" in r.stdout
     assert peer.cmd("send 10 3") == "ok 10" and peer.cmd("recv 20") == "ok 20"
     peer.close()
+
+
+def test_node_mode_watches_every_pod_on_the_watched_ports_only(lab: Any, tmp_path: Path) -> None:
+    from infertap.agent.kernel.cgroups import cgroup2_mount
+
+    client, server = lab.add_pod("nm-client"), lab.add_pod("nm-server")
+    root = cgroup2_mount()
+    api = tmp_path / "node.sock"
+    argv = [
+        *INFERTAP,
+        "run",
+        "--port",
+        "8301",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--api",
+        f"unix:{api}",
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "node mode" in line and "[8301]" in line, line
+        assert len(attached(root)) == 1
+        start_server(server, 8301)
+        start_server(server, 8302)
+        watched = start_client(client, server.ip, 8301)
+        other = start_client(client, server.ip, 8302)
+        assert watched.cmd("send 10 1") == "ok 10" and other.cmd("send 10 1") == "ok 10"
+        deadline = time.monotonic() + 5
+        ports: set[int] = set()
+        while time.monotonic() < deadline and 8301 not in ports:
+            out = subprocess.run(
+                [*INFERTAP, "flows", "--json", "--api", f"unix:{api}"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            ports = {
+                int(f["remote"]["port"])
+                for f in json.loads(out)["flows"]
+                if f["role"] == "client" and f["remote"]["ip"] == server.ip
+            }
+        assert ports == {8301}  # the port filter: 8302 is not intercepted
+        watched.close()
+        other.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    assert attached(root) == []

@@ -109,3 +109,13 @@ def test_inference_metrics_count_per_model(agent: Any, lab: Any, v2server: Any) 
     echo = [ln for ln in lines if 'model="echo"' in ln and 'protocol="kserve-v2-grpc"' in ln]
     assert echo and float(echo[0].rsplit(" ", 1)[1]) >= 1
     assert 'pod="/' in echo[0]
+    # The first classifier's count: HTTP requests per service, method and status.
+    http = [
+        ln
+        for ln in body.splitlines()
+        if ln.startswith("infertap_http_requests_total")
+        and f'service="{v2server.ip}:8000"' in ln
+        and 'method="POST"' in ln
+        and 'code="200"' in ln
+    ]
+    assert http and float(http[0].rsplit(" ", 1)[1]) >= 2
