@@ -22,6 +22,7 @@ class InstanceRegistry:
         self.dir = run_dir / "instances"
         self._own: Path | None = None
         self._fd: int | None = None
+        self._ids: list[int] = []
 
     def _files(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -29,12 +30,21 @@ class InstanceRegistry:
         return sorted(self.dir.glob("*.json"))
 
     def register(self, prog_ids: list[int]) -> None:
+        """Record program ids as this process's. Each program unit (interception, steering)
+        registers its own; ids accumulate in one file per process."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.dir / f"{os.getpid()}.json"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.write(fd, json.dumps({"pid": os.getpid(), "prog_ids": prog_ids}).encode())
-        self._own, self._fd = path, fd
+        if self._fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._own, self._fd, self._ids = path, fd, []
+        self._ids = sorted({*self._ids, *prog_ids})
+        assert self._fd is not None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps({"pid": os.getpid(), "prog_ids": self._ids}).encode(), 0)
+
+    def own_prog_ids(self) -> list[int]:
+        return list(self._ids)
 
     def live_prog_ids(self) -> set[int]:
         """Program ids of other agents that are alive now (their lock is held)."""
@@ -78,10 +88,29 @@ class InstanceRegistry:
             removed += 1
         return removed
 
-    def unregister(self) -> None:
+    def unregister(self, prog_ids: list[int] | None = None) -> None:
+        """Forget some program ids (a unit closed), or all; the file goes with the last id."""
+        if self._fd is None:
+            return
+        self._ids = [] if prog_ids is None else [i for i in self._ids if i not in prog_ids]
+        if self._ids:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, json.dumps({"pid": os.getpid(), "prog_ids": self._ids}).encode(), 0)
+            return
         if self._own is not None:
             self._own.unlink(missing_ok=True)
             self._own = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        os.close(self._fd)
+        self._fd = None
+
+
+_shared: dict[Path, InstanceRegistry] = {}
+
+
+def shared_registry(run_dir: Path) -> InstanceRegistry:
+    """The one registry of this process for a run directory: program units share it (two flocks
+    on the same file from one process would conflict)."""
+    reg = _shared.get(run_dir)
+    if reg is None:
+        reg = _shared[run_dir] = InstanceRegistry(run_dir)
+    return reg

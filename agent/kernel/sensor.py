@@ -24,7 +24,7 @@ from typing import Any
 from infertap.agent.flows.records import FlowInfo
 from infertap.agent.kernel import bpfsys, btf, cgroups, decode, structs
 from infertap.agent.kernel.headers import HeaderTree, find_headers, point_bcc_at
-from infertap.agent.kernel.instances import InstanceRegistry
+from infertap.agent.kernel.instances import shared_registry
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ class Sensor:
         self._sockhash_fd = -1
         self._attached: list[Path] = []
         self._tables: dict[tuple[str, Any, Any], Any] = {}
-        self._registry = InstanceRegistry(options.run_dir)
+        self._registry = shared_registry(options.run_dir)
+        self._prog_ids: list[int] = []
         self._lock = threading.Lock()  # map writes from API threads and the policy engine
         self.compile_seconds = 0.0
         self.swept = 0
@@ -99,7 +100,8 @@ class Sensor:
         log.info("compiling BPF programs against kernel headers: %s", self.headers.origin)
         self._compile()
         try:
-            self._registry.register([self._prog_id(self._sockops), self._prog_id(self._msg)])
+            self._prog_ids = [self._prog_id(self._sockops), self._prog_id(self._msg)]
+            self._registry.register(self._prog_ids)
             self.swept = self.sweep_stale()
             self._configure()
             from bcc import BPF, BPFAttachType
@@ -164,7 +166,9 @@ class Sensor:
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
-        self._registry.unregister()
+        if self._prog_ids:
+            self._registry.unregister(self._prog_ids)
+            self._prog_ids = []
 
     def __enter__(self) -> Sensor:
         self.start()
@@ -214,10 +218,7 @@ class Sensor:
 
     def sweep_stale(self) -> int:
         """Detach infertap programs that no live agent owns, from every cgroup. Returns count."""
-        live = self._registry.live_prog_ids() | {
-            self._prog_id(self._sockops),
-            self._prog_id(self._msg),
-        }
+        live = self._registry.live_prog_ids() | set(self._registry.own_prog_ids())
         removed = 0
         for cg in cgroups.walk(self.mount):
             for attach_type in SWEPT_ATTACH_TYPES:
