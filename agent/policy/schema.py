@@ -207,7 +207,11 @@ def _selector_doc(selector: LabelSelector) -> dict[str, Any]:
         doc["matchLabels"] = dict(selector.match_labels)
     if selector.match_expressions:
         doc["matchExpressions"] = [
-            {"key": r.key, "operator": r.operator, **({"values": list(r.values)} if r.values else {})}
+            {
+                "key": r.key,
+                "operator": r.operator,
+                **({"values": list(r.values)} if r.values else {}),
+            }
             for r in selector.match_expressions
         ]
     return doc

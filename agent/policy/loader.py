@@ -1,0 +1,631 @@
+"""Load and validate a policy file into agent/policy/schema.py's dataclasses.
+
+Every problem is reported as one line, `FILE:LINE: FIELD.PATH: what is wrong`, and all problems
+of a file are collected (not just the first) so `infertap policy validate` lists them at once.
+Unknown keys are errors: a typo must not silently leave a setting at its default. Sections left
+out take their defaults, except `version`, which must be written: a policy file cut short (an
+editor's partial write, a truncated ConfigMap) should fail rather than look like "all defaults".
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final, Literal, TypeVar, cast, get_args
+
+import yaml
+
+from infertap.agent.discovery.pods import LabelSelector, Requirement
+from infertap.agent.inspect.drift import Thresholds
+from infertap.agent.inspect.pii import BUILTIN_TYPES
+from infertap.agent.kernel.structs import SAMPLE_MAX
+from infertap.agent.policy.schema import (
+    ACTIONS,
+    KINDS,
+    SCHEMA_VERSION,
+    Action,
+    ActionsSpec,
+    CircuitSpec,
+    Discovery,
+    DriftSpec,
+    ModelSpec,
+    PiiSpec,
+    Policy,
+    SamplingSpec,
+    SchemaSpec,
+    ServiceSpec,
+    SeverityActions,
+    to_document,
+)
+from infertap.agent.policy.yamltree import YamlError, YMap, YNode, YScalar, YSeq, parse
+
+T = TypeVar("T")
+
+MAX_POLICY_BYTES: Final = 1 << 20  # a policy is a few KiB; refuse to parse something else
+_IDENT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DURATION: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*")
+_UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_Operator = Literal["In", "NotIn", "Exists", "DoesNotExist"]
+_OPERATORS: Final[tuple[str, ...]] = get_args(_Operator)
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be used. `messages` holds every problem, one line each; str() is
+    the first, with a count of the others, for places that show one line (logs, on_error)."""
+
+    def __init__(self, messages: list[str]) -> None:
+        self.messages = list(messages)
+        first = self.messages[0] if self.messages else "invalid policy"
+        more = len(self.messages) - 1
+        super().__init__(first + (f" (and {more} more problem{'s' * (more > 1)})" if more else ""))
+
+
+class _Reader:
+    """Reads typed values out of a located YAML tree, recording problems instead of raising so
+    one pass reports them all. A reader method returns None when the value is unusable; the
+    caller then falls back to a default just to keep going (the policy is refused anyway)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.errors: list[str] = []
+
+    def error(self, line: int, path: str, message: str) -> None:
+        where = f"{path}: " if path else ""
+        self.errors.append(f"{self.source}:{line}: {where}{message}")
+
+    def mapping(self, node: YNode, path: str, known: tuple[str, ...]) -> YMap | None:
+        if not isinstance(node, YMap):
+            self.error(node.line, path, "must be a mapping")
+            return None
+        for key, line in node.key_lines.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.error(line, _join(path, key), f"unknown key{hint}; known: {', '.join(known)}")
+        return node
+
+    def sequence(self, node: YNode, path: str) -> tuple[YNode, ...]:
+        if isinstance(node, YScalar) and node.value is None:
+            return ()  # `models:` with nothing after it: an empty list
+        if not isinstance(node, YSeq):
+            self.error(node.line, path, "must be a list")
+            return ()
+        return node.items
+
+    def string(self, node: YNode, path: str) -> str | None:
+        if not isinstance(node, YScalar) or not isinstance(node.value, str) or not node.value:
+            self.error(node.line, path, _quote_hint(node, "must be a non-empty string"))
+            return None
+        return node.value
+
+    def boolean(self, node: YNode, path: str) -> bool | None:
+        if not isinstance(node, YScalar) or not isinstance(node.value, bool):
+            self.error(node.line, path, "must be true or false")
+            return None
+        return node.value
+
+    def integer(self, node: YNode, path: str, lo: int, hi: int) -> int | None:
+        value = node.value if isinstance(node, YScalar) else None
+        # bool is an int in Python; `port: yes` is a mistake, not 1.
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            self.error(node.line, path, f"must be an integer from {lo} to {hi}")
+            return None
+        return value
+
+    def number(self, node: YNode, path: str, lo: float, hi: float, what: str) -> float | None:
+        value = node.value if isinstance(node, YScalar) else None
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or not lo <= value <= hi
+        ):
+            self.error(node.line, path, f"must be a number {what}")
+            return None
+        return float(value)
+
+    def duration(self, node: YNode, path: str) -> float | None:
+        """Seconds, written as a number or as 500ms, 30s, 10m, 1h. Must be positive."""
+        value = node.value if isinstance(node, YScalar) else None
+        seconds: float | None = None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION.fullmatch(value)):
+            seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        if seconds is None or not math.isfinite(seconds) or not 0 < seconds <= 86400 * 7:
+            self.error(
+                node.line, path, "must be a duration up to 7 days: seconds, or 500ms, 30s, 10m, 1h"
+            )
+            return None
+        return seconds
+
+    def choice(self, node: YNode, path: str, options: tuple[str, ...]) -> str | None:
+        if not isinstance(node, YScalar) or node.value not in options:
+            self.error(node.line, path, f"must be one of: {', '.join(options)}")
+            return None
+        return cast(str, node.value)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _quote_hint(node: YNode, message: str) -> str:
+    # YAML 1.1 turns unquoted true/yes/on, numbers and dates into non-strings.
+    if isinstance(node, YScalar) and node.value is not None and not isinstance(node.value, str):
+        kind = type(node.value).__name__
+        return f"{message} (write it in quotes: YAML read {node.value!r} as a {kind})"
+    return message
+
+
+def _field(
+    r: _Reader,
+    m: YMap | None,
+    path: str,
+    key: str,
+    read: Callable[[YNode, str], T | None],
+    default: T,
+) -> T:
+    """m[key] read with `read`, or `default` when the key is absent (or its value unusable)."""
+    if m is None or key not in m.items:
+        return default
+    value = read(m.items[key], _join(path, key))
+    return default if value is None else value
+
+
+def _required(
+    r: _Reader, m: YMap, path: str, key: str, read: Callable[[YNode, str], T | None]
+) -> T | None:
+    if key not in m.items:
+        r.error(m.line, _join(path, key), "required")
+        return None
+    return read(m.items[key], _join(path, key))
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+
+def _discovery(r: _Reader, node: YNode, path: str) -> Discovery:
+    m = r.mapping(node, path, ("namespaceSelector",))
+    if m is None or "namespaceSelector" not in m.items:
+        return Discovery()
+    spath = _join(path, "namespaceSelector")
+    sel = r.mapping(m.items["namespaceSelector"], spath, ("matchLabels", "matchExpressions"))
+    if sel is None:
+        return Discovery()
+    labels: dict[str, str] = {}
+    if "matchLabels" in sel.items:
+        lpath = _join(spath, "matchLabels")
+        lm = r.mapping(sel.items["matchLabels"], lpath, tuple(_keys(sel.items["matchLabels"])))
+        for key, value in (lm.items if lm else {}).items():
+            text = r.string(value, _join(lpath, key))
+            if text is not None:
+                labels[key] = text
+    requirements: list[Requirement] = []
+    if "matchExpressions" in sel.items:
+        epath = _join(spath, "matchExpressions")
+        for i, item in enumerate(r.sequence(sel.items["matchExpressions"], epath)):
+            ipath = f"{epath}[{i}]"
+            em = r.mapping(item, ipath, ("key", "operator", "values"))
+            if em is None:
+                continue
+            label = _required(r, em, ipath, "key", r.string)
+            op = _required(r, em, ipath, "operator", lambda n, p: r.choice(n, p, _OPERATORS))
+            values: list[str] = []
+            if "values" in em.items:
+                vpath = _join(ipath, "values")
+                for j, v in enumerate(r.sequence(em.items["values"], vpath)):
+                    text = r.string(v, f"{vpath}[{j}]")
+                    if text is not None:
+                        values.append(text)
+            if op is not None and (op in ("In", "NotIn")) != bool(values):
+                r.error(em.line, ipath, f"{op} needs values exactly when it is In or NotIn")
+            if label is not None and op is not None:
+                requirements.append(Requirement(label, cast(_Operator, op), tuple(values)))
+    # A read-only view: the selector is part of a frozen policy shared across threads.
+    return Discovery(LabelSelector(MappingProxyType(labels), tuple(requirements)))
+
+
+def _keys(node: YNode) -> list[str]:
+    return list(node.key_lines) if isinstance(node, YMap) else []
+
+
+def _services(r: _Reader, node: YNode, path: str) -> tuple[ServiceSpec, ...]:
+    services: list[ServiceSpec] = []
+    names: dict[str, int] = {}
+    endpoints: dict[tuple[str | None, int], int] = {}
+    for i, item in enumerate(r.sequence(node, path)):
+        ipath = f"{path}[{i}]"
+        m = r.mapping(item, ipath, ("name", "port", "ip"))
+        if m is None:
+            continue
+        name = _required(r, m, ipath, "name", r.string)
+        port = _required(r, m, ipath, "port", lambda n, p: r.integer(n, p, 1, 65535))
+        ip = _field(r, m, ipath, "ip", lambda n, p: _ip(r, n, p), None)
+        if name is not None:
+            if name in names:
+                r.error(
+                    m.items["name"].line,
+                    _join(ipath, "name"),
+                    f"duplicate of {path}[{names[name]}]",
+                )
+            names.setdefault(name, i)
+        if port is not None:
+            if (ip, port) in endpoints:
+                r.error(m.line, ipath, f"same endpoint as {path}[{endpoints[(ip, port)]}]")
+            endpoints.setdefault((ip, port), i)
+        if name is not None and port is not None:
+            services.append(ServiceSpec(name, port, ip))
+    return tuple(sorted(services, key=lambda s: (s.port, s.ip or "", s.name)))
+
+
+def _ip(r: _Reader, node: YNode, path: str) -> str | None:
+    text = node.value if isinstance(node, YScalar) else None
+    if isinstance(text, str):
+        try:
+            return ipaddress.ip_address(text).compressed
+        except ValueError:
+            pass
+    r.error(node.line, path, "must be an IPv4 or IPv6 address")
+    return None
+
+
+def _thresholds(r: _Reader, node: YNode, path: str, stat: str, base: Thresholds) -> Thresholds:
+    m = r.mapping(node, path, ("warn", "alert"))
+    top = 1.0 if stat in ("ks", "js") else 1e6  # KS and JS distances lie in [0, 1]
+    within = "from 0 to 1" if top == 1.0 else "of at least 0"
+    warn = _field(r, m, path, "warn", lambda n, p: r.number(n, p, 0.0, top, within), base.warn)
+    alert = _field(r, m, path, "alert", lambda n, p: r.number(n, p, 0.0, top, within), base.alert)
+    if m is not None and not alert > warn:
+        # Point at what was written: the alert if given, else the warn that passed it.
+        if "alert" in m.items:
+            r.error(
+                m.items["alert"].line,
+                _join(path, "alert"),
+                f"must be a number greater than warn ({warn:g})",
+            )
+        elif "warn" in m.items:
+            r.error(
+                m.items["warn"].line,
+                _join(path, "warn"),
+                f"must be a number less than alert ({alert:g})",
+            )
+    return Thresholds(warn, alert)
+
+
+def _drift(r: _Reader, node: YNode, path: str, base: DriftSpec) -> DriftSpec:
+    m = r.mapping(node, path, ("window", "thresholds"))
+    window = _field(r, m, path, "window", lambda n, p: r.integer(n, p, 2, 1_000_000), base.window)
+    spec = replace(base, window=window)
+    if m is None or "thresholds" not in m.items:
+        return spec
+    tpath = _join(path, "thresholds")
+    tm = r.mapping(m.items["thresholds"], tpath, ("psi", "ks", "js"))
+    if tm is None:
+        return spec
+
+    def stat(name: str, old: Thresholds) -> Thresholds:
+        if name not in tm.items:
+            return old
+        return _thresholds(r, tm.items[name], _join(tpath, name), name, old)
+
+    return replace(spec, psi=stat("psi", spec.psi), ks=stat("ks", spec.ks), js=stat("js", spec.js))
+
+
+def _schema(r: _Reader, node: YNode, path: str, base: SchemaSpec) -> SchemaSpec:
+    m = r.mapping(node, path, ("max_payload_bytes", "range_tolerance"))
+    size = _field(
+        r,
+        m,
+        path,
+        "max_payload_bytes",
+        lambda n, p: r.integer(n, p, 1, 1 << 31),
+        base.max_payload_bytes,
+    )
+    tolerance = _field(
+        r,
+        m,
+        path,
+        "range_tolerance",
+        lambda n, p: r.number(n, p, 0.0, 1e6, "of at least 0"),
+        base.range_tolerance,
+    )
+    return SchemaSpec(size, tolerance)
+
+
+def _models(
+    r: _Reader, node: YNode, path: str, drift: DriftSpec, schema: SchemaSpec, base_dir: Path
+) -> tuple[ModelSpec, ...]:
+    models: list[ModelSpec] = []
+    seen: dict[tuple[str, str | None], int] = {}
+    known = ("name", "version", "baseline", "features", "drift", "schema")
+    for i, item in enumerate(r.sequence(node, path)):
+        ipath = f"{path}[{i}]"
+        m = r.mapping(item, ipath, known)
+        if m is None:
+            continue
+        name = _required(r, m, ipath, "name", r.string)
+        version = _field(r, m, ipath, "version", r.string, None)
+        baseline = _field(r, m, ipath, "baseline", r.string, None)
+        features: list[str] = []
+        if "features" in m.items:
+            fpath = _join(ipath, "features")
+            for j, f in enumerate(r.sequence(m.items["features"], fpath)):
+                text = r.string(f, f"{fpath}[{j}]")
+                if text is not None and text in features:
+                    r.error(f.line, f"{fpath}[{j}]", f"duplicate feature {text!r}")
+                elif text is not None:
+                    features.append(text)
+        mdrift = (
+            _drift(r, m.items["drift"], _join(ipath, "drift"), drift)
+            if "drift" in m.items
+            else drift
+        )
+        mschema = (
+            _schema(r, m.items["schema"], _join(ipath, "schema"), schema)
+            if "schema" in m.items
+            else schema
+        )
+        if name is None:
+            continue
+        if (name, version) in seen:
+            r.error(
+                m.line,
+                ipath,
+                f"model {name!r} version {version} is also {path}[{seen[(name, version)]}]",
+            )
+        seen.setdefault((name, version), i)
+        # Relative to the policy file, so a policy and its baselines can travel together.
+        resolved = str((base_dir / baseline).absolute()) if baseline is not None else None
+        models.append(ModelSpec(name, version, resolved, tuple(features), mdrift, mschema))
+    return tuple(sorted(models, key=lambda x: (x.name, x.version or "")))
+
+
+def _sampling(r: _Reader, node: YNode, path: str) -> SamplingSpec:
+    m = r.mapping(node, path, ("sample_bytes", "sample_one_in"))
+    d = SamplingSpec()
+    return SamplingSpec(
+        _field(
+            r, m, path, "sample_bytes", lambda n, p: r.integer(n, p, 1, SAMPLE_MAX), d.sample_bytes
+        ),
+        _field(
+            r, m, path, "sample_one_in", lambda n, p: r.integer(n, p, 0, 1 << 30), d.sample_one_in
+        ),
+    )
+
+
+def _pii(r: _Reader, node: YNode, path: str) -> PiiSpec:
+    m = r.mapping(node, path, ("enabled", "types", "custom"))
+    d = PiiSpec()
+    enabled = _field(r, m, path, "enabled", r.boolean, d.enabled)
+    types = d.types
+    if m is not None and "types" in m.items:
+        tpath = _join(path, "types")
+        chosen: set[str] = set()
+        for j, t in enumerate(r.sequence(m.items["types"], tpath)):
+            text = r.choice(t, f"{tpath}[{j}]", BUILTIN_TYPES)
+            if text is not None and text in chosen:
+                r.error(t.line, f"{tpath}[{j}]", f"duplicate type {text!r}")
+            elif text is not None:
+                chosen.add(text)
+        types = tuple(t for t in BUILTIN_TYPES if t in chosen)  # one order: the scanner's
+    custom: list[tuple[str, str]] = []
+    if m is not None and "custom" in m.items:
+        cpath = _join(path, "custom")
+        cm = r.mapping(m.items["custom"], cpath, tuple(_keys(m.items["custom"])))
+        for name, value in (cm.items if cm else {}).items():
+            npath = _join(cpath, name)
+            line = cm.key_lines[name] if cm else value.line
+            if name in BUILTIN_TYPES or not _IDENT.fullmatch(name):
+                r.error(
+                    line, npath, "a custom type name must be an identifier, not a built-in type"
+                )
+                continue
+            pattern = r.string(value, npath)
+            if pattern is None:
+                continue
+            try:
+                compiled = re.compile(pattern)
+            except re.error as e:
+                r.error(value.line, npath, f"bad regex: {e}")
+                continue
+            if compiled.fullmatch(""):
+                r.error(value.line, npath, "bad regex: it matches the empty string")
+                continue
+            custom.append((name, pattern))
+    return PiiSpec(enabled, types, tuple(sorted(custom)))
+
+
+def _actions(r: _Reader, node: YNode, path: str) -> ActionsSpec:
+    m = r.mapping(node, path, KINDS)
+    d = ActionsSpec()
+    per_kind: dict[str, SeverityActions] = {}
+    for kind in KINDS:
+        base: SeverityActions = getattr(d, kind)
+        if m is None or kind not in m.items:
+            per_kind[kind] = base
+            continue
+        kpath = _join(path, kind)
+        km = r.mapping(m.items[kind], kpath, ("info", "warn", "alert"))
+        # Drift is judged over a model's whole window, not one connection: no flow to block.
+        allowed = tuple(a for a in ACTIONS if not (kind == "drift" and a == "block_flow"))
+        chosen = {
+            sev: _field(r, km, kpath, sev, _action_reader(r, allowed), base.for_severity(sev))
+            for sev in ("info", "warn", "alert")
+        }
+        per_kind[kind] = SeverityActions(chosen["info"], chosen["warn"], chosen["alert"])
+    return ActionsSpec(per_kind["pii"], per_kind["drift"], per_kind["schema"])
+
+
+def _action_reader(
+    r: _Reader, allowed: tuple[Action, ...]
+) -> Callable[[YNode, str], Action | None]:
+    def read(node: YNode, path: str) -> Action | None:
+        return cast(Action | None, r.choice(node, path, allowed))
+
+    return read
+
+
+def _circuit(r: _Reader, node: YNode, path: str) -> CircuitSpec:
+    known = ("pii_hits", "pii_window", "cooldown", "max_cooldown", "probe")
+    m = r.mapping(node, path, known)
+    d = CircuitSpec()
+    spec = CircuitSpec(
+        pii_hits=_field(
+            r, m, path, "pii_hits", lambda n, p: r.integer(n, p, 1, 1_000_000), d.pii_hits
+        ),
+        pii_window_s=_field(r, m, path, "pii_window", r.duration, d.pii_window_s),
+        cooldown_s=_field(r, m, path, "cooldown", r.duration, d.cooldown_s),
+        max_cooldown_s=_field(r, m, path, "max_cooldown", r.duration, d.max_cooldown_s),
+        probe_s=_field(r, m, path, "probe", r.duration, d.probe_s),
+    )
+    if m is not None and spec.max_cooldown_s < spec.cooldown_s:
+        key = "max_cooldown" if "max_cooldown" in m.items else "cooldown"
+        r.error(
+            m.items[key].line,
+            _join(path, key),
+            f"max_cooldown ({spec.max_cooldown_s:g}s) must be at least"
+            f" cooldown ({spec.cooldown_s:g}s)",
+        )
+    return spec
+
+
+# --- entry points ------------------------------------------------------------------------------
+
+_TOP: Final = (
+    "version",
+    "discovery",
+    "services",
+    "models",
+    "sampling",
+    "pii",
+    "drift",
+    "schema",
+    "actions",
+    "circuit",
+)
+
+
+def load_policy_text(text: str, source: str = "<policy>", base_dir: Path | None = None) -> Policy:
+    """Validate policy YAML; raises PolicyError listing every problem. Relative baseline paths
+    are taken from `base_dir` (default: the working directory)."""
+    r = _Reader(source)
+    try:
+        root = parse(text)
+    except YamlError as e:
+        raise PolicyError([f"{source}:{e.line}: {e.message}"]) from None
+    if root is None:
+        raise PolicyError([f"{source}:1: the policy is empty"])
+    m = r.mapping(root, "", _TOP)
+    if m is None:
+        raise PolicyError(r.errors)
+    version = _required(
+        r, m, "", "version", lambda n, p: r.integer(n, p, SCHEMA_VERSION, SCHEMA_VERSION)
+    )
+
+    def section(key: str, read: Callable[[YNode, str], T], default: T) -> T:
+        return read(m.items[key], key) if key in m.items else default
+
+    drift = section("drift", lambda n, p: _drift(r, n, p, DriftSpec()), DriftSpec())
+    schema = section("schema", lambda n, p: _schema(r, n, p, SchemaSpec()), SchemaSpec())
+    policy = Policy(
+        version=version or SCHEMA_VERSION,
+        discovery=section("discovery", lambda n, p: _discovery(r, n, p), Discovery()),
+        services=section("services", lambda n, p: _services(r, n, p), ()),
+        models=section(
+            "models", lambda n, p: _models(r, n, p, drift, schema, base_dir or Path.cwd()), ()
+        ),
+        sampling=section("sampling", lambda n, p: _sampling(r, n, p), SamplingSpec()),
+        pii=section("pii", lambda n, p: _pii(r, n, p), PiiSpec()),
+        drift=drift,
+        schema=schema,
+        actions=section("actions", lambda n, p: _actions(r, n, p), ActionsSpec()),
+        circuit=section("circuit", lambda n, p: _circuit(r, n, p), CircuitSpec()),
+        source=source,
+    )
+    if r.errors:
+        # Sorted by line so the list reads like the file.
+        raise PolicyError(sorted(r.errors, key=_line_of))
+    return policy
+
+
+def _line_of(message: str) -> int:
+    # "<source>:<line>: ..." (the source may itself contain colons: split from the right side
+    # of the known prefix instead of guessing).
+    match = re.search(r":(\d+): ", message)
+    return int(match.group(1)) if match else 0
+
+
+def read_policy_file(path: Path) -> str:
+    """The file's text; PolicyError (one line) when it cannot be read."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_POLICY_BYTES + 1)
+    except OSError as e:
+        raise PolicyError([f"{path}: cannot read the policy: {e.strerror or e}"]) from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError([f"{path}: larger than {MAX_POLICY_BYTES} bytes: not a policy file"])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PolicyError([f"{path}: not UTF-8 text (byte {e.start})"]) from None
+
+
+def load_policy(path: Path | str) -> Policy:
+    """Read and validate a policy file; raises PolicyError."""
+    p = Path(path)
+    return load_policy_text(read_policy_file(p), str(p), p.parent)
+
+
+def validate_file(path: Path | str) -> list[str]:
+    """Every problem of a policy file, one line each; [] when it is valid (`policy validate`)."""
+    try:
+        load_policy(path)
+    except PolicyError as e:
+        return e.messages
+    return []
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style, lists indented under their key: how people write Kubernetes YAML."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
+
+
+def render_policy(policy: Policy) -> str:
+    """The normalized policy as YAML (`policy show`): loads back to an equal policy."""
+    header = f"# infertap policy {policy.hash} (normalized from {policy.source})\n"
+    body = yaml.dump(to_document(policy), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+    return header + body
+
+
+# --- the built-in policy -----------------------------------------------------------------------
+
+# Used when the agent (or the demo) runs without --policy: the usual model-server ports, every
+# PII type, the default drift thresholds and actions. No models: drift and schema checks need a
+# baseline, which only a policy file can name.
+DEFAULT_POLICY_YAML: Final = """\
+version: 1
+services:
+  - {name: kserve-http, port: 8000}     # Triton / KServe v2 REST
+  - {name: kserve-grpc, port: 8001}     # Triton / KServe v2 gRPC
+  - {name: mlserver-http, port: 8080}   # MLServer, KServe predictors
+  - {name: tfserving-grpc, port: 8500}
+  - {name: tfserving-http, port: 8501}
+pii:
+  enabled: true
+sampling:
+  sample_bytes: 4096
+  sample_one_in: 1
+"""
+
+
+def default_policy() -> Policy:
+    return load_policy_text(DEFAULT_POLICY_YAML, "<built-in>")
