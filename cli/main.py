@@ -297,6 +297,17 @@ def demo(
 
 
 @app.command()
+def top(
+    api: ApiOpt = DEFAULT_API,
+    refresh: Annotated[float, typer.Option(min=0.1, max=60.0, help="Seconds between polls.")] = 1.0,
+) -> None:
+    """Live view: models (rate, latency, errors, circuit), drift, PII, flows, verdicts."""
+    from infertap.cli.top.main import run_top
+
+    run_top(api, refresh)
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     out.print(f"infertap {__version__}", highlight=False)
