@@ -25,8 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infertap.agent.export.events import AgentEvent
-from infertap.agent.inspect.baseline import Baseline, build_baseline
-from infertap.agent.inspect.engine import InspectionConfig
+from infertap.agent.inspect.baseline import build_baseline
 from infertap.agent.runtime import Agent, AgentOptions
 from infertap.agent.testbed.fraud_model import FEATURES, example_transactions
 from infertap.agent.testbed.pods import Lab
@@ -66,12 +65,33 @@ class Tally:
             self.verdicts.append(str(d.get("description", "")))
 
 
-def fraud_baseline(workdir: Path) -> Baseline:
+# The demo's policy: the fraud model's two endpoints, its baseline, and a circuit breaker quick
+# enough to open and recover within a short run. PII in requests and drift alerts trip it.
+DEMO_POLICY = """\
+version: 1
+services:
+  - {{name: fraud-rest, port: 8000}}
+  - {{name: fraud-grpc, port: 8001}}
+models:
+  - name: fraud
+    baseline: {baseline}
+    drift: {{window: 200}}
+sampling: {{sample_bytes: 16384, sample_one_in: 1}}
+actions:
+  pii: {{info: log, warn: alert, alert: circuit_break}}
+  drift: {{info: log, warn: alert, alert: circuit_break}}
+circuit: {{pii_hits: 5, pii_window: 30s, cooldown: 3s, max_cooldown: 12s, probe: 2s}}
+"""
+
+
+def fraud_baseline(workdir: Path) -> Path:
     """The fraud model's training distribution, as a baseline file (what `baseline build` makes)."""
     data = example_transactions(20000, np.random.default_rng(0), fraud_rate=0.05)
     npy = workdir / "fraud-training.npy"
     np.save(npy, data)
-    return build_baseline(npy, "fraud", workdir / "fraud.baseline.json", features=list(FEATURES))
+    out = workdir / "fraud.baseline.json"
+    build_baseline(npy, "fraud", out, features=list(FEATURES))
+    return out
 
 
 def run_demo(
@@ -91,18 +111,17 @@ def run_demo(
             f"(V2 REST :{HTTP_PORT}, gRPC :{GRPC_PORT})",
             highlight=False,
         )
-        baseline = fraud_baseline(workdir)
+        baseline_path = fraud_baseline(workdir)
+        policy = workdir / "policy.yaml"
+        policy.write_text(DEMO_POLICY.format(baseline=baseline_path))
         agent = Agent(
             AgentOptions(
                 cgroups=(str(client.cgroup), str(server.cgroup)),
-                ports=(HTTP_PORT, GRPC_PORT),
                 metrics_addr=metrics_addr,
                 api_addr=api,
-                sample_bytes=16384,
+                policy=policy,
             )
         )
-        agent.engine.configure(InspectionConfig(baselines={"fraud": baseline}))
-        agent.inference.model_label.set_known(["fraud"])
         tally = Tally()
         try:
             agent.start()

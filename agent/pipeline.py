@@ -94,7 +94,9 @@ class Pipeline:
         decoder: WireDecoder | None = None,
         inference: InferenceMetrics | None = None,
         engine: InspectionEngine | None = None,
-        on_findings: Callable[[InferenceEvent, list[Finding]], None] = lambda e, f: None,
+        on_inspected: Callable[[InferenceEvent, list[Finding], int | None], None] = (
+            lambda e, f, c: None
+        ),
     ) -> None:
         self.events = events
         self.traffic = traffic
@@ -104,7 +106,7 @@ class Pipeline:
         self._on_flow_end = on_flow_end
         self.inference = inference
         self.engine = engine
-        self._on_findings = on_findings
+        self._on_inspected = on_inspected
         self.inference_taps: list[Callable[[InferenceEvent], None]] = []
         self._flows: dict[int, FlowInfo] = {}  # cookie -> flow
         # connection -> {role: flow}: which pod a request belongs to, without a scan
@@ -200,8 +202,7 @@ class Pipeline:
                 self.inference.count_pii(pod, event.model, f.type)
             self.events.publish(AgentEvent("finding", event.ts_ns, finding_dict(f)))
         self.events.publish(AgentEvent("inference", event.ts_ns, self._inference_dict(event, pod)))
-        if findings:
-            self._on_findings(event, findings)
+        self._on_inspected(event, findings, client.cookie if client is not None else None)
 
     def _inference_dict(self, e: InferenceEvent, pod: tuple[str, str]) -> dict[str, Any]:
         """A redacted summary: names, shapes and types of tensors, never their values."""

@@ -28,11 +28,14 @@ from infertap.agent.export.metrics import (
     TrafficMetrics,
 )
 from infertap.agent.flows.records import FlowInfo
+from infertap.agent.governor import Governor
 from infertap.agent.inspect.engine import InspectionEngine
 from infertap.agent.kernel.ringbuf import RingReader
 from infertap.agent.kernel.sensor import Sensor, SensorOptions
 from infertap.agent.pipeline import Pipeline
 from infertap.agent.pods import PodDirectory
+from infertap.agent.policy.loader import default_policy, load_policy
+from infertap.agent.policy.schema import observe_only
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class AgentOptions:
     sample_bytes: int = 4096
     sample_one_in: int = 1
     run_dir: Path = Path("/run/infertap")
+    policy: Path | None = None  # None: the built-in defaults, observing only (never blocking)
     ring_pages: int = 4096
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -82,6 +86,9 @@ class Agent:
         self.circuit_states: Callable[[], dict[str, int]] = dict
         self.pods = PodDirectory(self.sensor.mount)
         self.verdicts = VerdictStore(self.sensor)
+        self.governor = Governor(
+            self, load_policy(options.policy) if options.policy else observe_only(default_policy())
+        )
         self.pipeline = Pipeline(
             self.events,
             self.traffic,
@@ -90,7 +97,9 @@ class Agent:
             on_flow_end=self._flow_ended,
             inference=self.inference,
             engine=self.engine,
+            on_inspected=self.governor.on_inspected,
         )
+        self.circuit_states = self.governor.states
         self.ready = False
         self.started_at = time.time()
         self._stop = threading.Event()
@@ -111,6 +120,10 @@ class Agent:
 
     def _start(self) -> None:
         self.sensor.start()
+        self.governor.apply(self.governor.policy)
+        self.governor.start()
+        if self.options.policy is not None:
+            self.governor.watch(self.options.policy)
         if self.sensor.swept:
             log.warning("removed %d program(s) a previous agent left attached", self.sensor.swept)
         for cg in self.options.cgroups or ("/",):
@@ -153,6 +166,7 @@ class Agent:
         if api is not None:
             api.stop()  # type: ignore[attr-defined]
             self.api = None
+        self.governor.stop()
         self.events.close()
         if self._reader_thread is not None:
             self._reader_thread.join(timeout=5)

@@ -16,6 +16,7 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
 
@@ -34,8 +35,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)  # never break a line: scripts read our output
+err = Console(stderr=True, soft_wrap=True)
 
 ApiOpt = Annotated[
     str, typer.Option("--api", help="Agent API: unix:PATH or HOST:PORT.", envvar="INFERTAP_API")
@@ -82,6 +83,10 @@ def run(
     sample_one_in: Annotated[
         int, typer.Option(min=0, help="Sample 1 flow in N (1 = all, 0 = none).")
     ] = 1,
+    policy: Annotated[
+        Path | None,
+        typer.Option(help="Policy file (YAML), reloaded on change; none = observe only."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the agent in the foreground until SIGINT or SIGTERM, then detach everything."""
@@ -100,6 +105,7 @@ def run(
         api_addr=api or None,
         sample_bytes=sample_bytes,
         sample_one_in=sample_one_in,
+        policy=policy,
     )
     agent = Agent(options)
 
@@ -307,6 +313,89 @@ def top(
     run_top(api, refresh)
 
 
+policy_app = typer.Typer(help="Check and show policy files.", no_args_is_help=True)
+baseline_app = typer.Typer(
+    help="Build and show training baselines for drift.", no_args_is_help=True
+)
+app.add_typer(policy_app, name="policy")
+app.add_typer(baseline_app, name="baseline")
+
+
+@policy_app.command("validate")
+def policy_validate(file: Path) -> None:
+    """Check a policy file: every problem with its line and field, exit 1 if any."""
+    from infertap.agent.policy.loader import load_policy, validate_file
+
+    problems = validate_file(file)
+    if problems:
+        for p in problems:
+            err.print(p, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    out.print(f"{file}: ok, policy {load_policy(file).hash}", highlight=False)
+
+
+@policy_app.command("show")
+def policy_show(
+    file: Annotated[
+        Path | None, typer.Argument(help="A policy file; none = the built-in one.")
+    ] = None,
+) -> None:
+    """Print a policy in normalized form (defaults written out), with its hash."""
+    from infertap.agent.policy.loader import default_policy, load_policy, render_policy
+
+    policy = load_policy(file) if file else default_policy()
+    out.print(f"# policy {policy.hash} from {policy.source}", highlight=False)
+    out.print(render_policy(policy), highlight=False, markup=False)
+
+
+@baseline_app.command(
+    "build", epilog="Example:\n\n  infertap baseline build train.parquet --model fraud"
+)
+def baseline_build(
+    file: Annotated[Path, typer.Argument(help="Training data: .csv, .npy or .parquet.")],
+    model: Annotated[str, typer.Option(help="The model this baseline describes.")],
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Default: MODEL.baseline.json")
+    ] = None,
+    features: Annotated[str | None, typer.Option(help="Comma-separated columns to keep.")] = None,
+) -> None:
+    """Build a versioned baseline (histograms, quantiles, category frequencies) for drift."""
+    from rich.progress import Progress
+
+    from infertap.agent.inspect.baseline import BaselineError, build_baseline
+
+    if not file.is_file():
+        raise UserError(f"no such file: {file}")
+    target = out_file or Path(f"{model}.baseline.json")
+    names = [f.strip() for f in features.split(",")] if features else None
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task(f"reading {file.name}", total=None)
+
+        def step(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total or None)
+
+        try:
+            b = build_baseline(file, model, target, features=names, progress=step)
+        except (BaselineError, ValueError, OSError) as exc:
+            raise UserError(str(exc)) from None
+    out.print(f"wrote {target}: model {model}, {len(b.feature_names)} features", highlight=False)
+
+
+@baseline_app.command("show")
+def baseline_show(file: Path, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Summarize a baseline file."""
+    from infertap.agent.inspect.baseline import Baseline, BaselineError
+
+    try:
+        b = Baseline.load(file)
+    except (BaselineError, OSError) as exc:
+        raise UserError(str(exc)) from None
+    if as_json:
+        out.print_json(file.read_text())
+        return
+    out.print(f"{file}: model {b.model}, features: {', '.join(b.feature_names)}", highlight=False)
+
+
 @app.command()
 def version() -> None:
     """Print the version."""
@@ -320,10 +409,11 @@ def main() -> None:
     from infertap.agent.api.client import AgentUnreachable
     from infertap.agent.kernel.cgroups import CgroupError
     from infertap.agent.kernel.sensor import SensorError
+    from infertap.agent.policy.loader import PolicyError
 
     try:
         app()
-    except (UserError, AgentUnreachable, CgroupError, SensorError) as exc:
+    except (UserError, AgentUnreachable, CgroupError, SensorError, PolicyError) as exc:
         err.print(f"infertap: error: {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except grpc.RpcError as exc:

@@ -126,3 +126,57 @@ def test_missing_privileges_is_one_line() -> None:
         env=env,
     )
     assert_one_clear_line(r, 1, "needs root")
+
+
+BAD_POLICY = """version: 1
+services:
+  - {name: a, port: 8000}
+drift:
+  thresholds:
+    psi: {warn: 0.3, alert: 0.2}
+sampling: {sample_bites: 10}
+"""
+
+
+def test_policy_validate_names_lines_and_fields(tmp_path: Path) -> None:
+    f = tmp_path / "policy.yaml"
+    f.write_text(BAD_POLICY)
+    r = run("policy", "validate", str(f))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "policy.yaml:6" in r.stderr and "psi" in r.stderr
+    assert "policy.yaml:7" in r.stderr and "sample_bites" in r.stderr
+    f.write_text("version: 1\nservices:\n  - {name: a, port: 8000}\n")
+    r = run("policy", "validate", str(f))
+    assert r.returncode == 0 and "ok, policy" in r.stdout
+
+
+@needs_root
+def test_run_with_a_bad_policy_is_one_line(tmp_path: Path) -> None:
+    f = tmp_path / "policy.yaml"
+    f.write_text(BAD_POLICY)
+    r = run(
+        "run",
+        "--policy",
+        str(f),
+        "--api",
+        f"unix:{tmp_path}/a.sock",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    )
+    assert_one_clear_line(r, 1, "policy.yaml:6")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_baseline_build_and_show(tmp_path: Path) -> None:
+    csv = tmp_path / "train.csv"
+    csv.write_text("a,b\n" + "\n".join(f"{i},{i % 7}" for i in range(200)) + "\n")
+    out = tmp_path / "m.json"
+    r = run("baseline", "build", str(csv), "--model", "m", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.is_file()
+    r = run("baseline", "show", str(out))
+    assert r.returncode == 0 and "model m" in r.stdout and "a, b" in r.stdout
+    assert_one_clear_line(run("baseline", "show", str(csv)), 1, "")
+    assert_one_clear_line(
+        run("baseline", "build", str(tmp_path / "none.csv"), "--model", "m"), 1, "no such file"
+    )

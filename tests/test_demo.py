@@ -14,7 +14,7 @@ pytestmark = [needs_root, pytest.mark.kernel]
 
 def test_demo_sees_calls_pii_and_drift_then_cleans_up() -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "infertap.cli.main", "demo", "--no-tui", "--duration", "12"],
+        [sys.executable, "-m", "infertap.cli.main", "demo", "--no-tui", "--duration", "20"],
         capture_output=True,
         text=True,
         timeout=240,
@@ -29,6 +29,12 @@ def test_demo_sees_calls_pii_and_drift_then_cleans_up() -> None:
     # Raw values never reach the output; redacted forms do.
     assert "jane.doe@example.com" not in out and "4111 1111 1111 1111" not in out
     assert "123-45-6789" not in out and "***-**-6789" in out
+    # PII in requests tripped the model's circuit breaker, which blocked it in the kernel: the
+    # feature store saw failed calls, and the breaker went half-open after its cooldown.
+    assert "closed -> open" in out and "open -> half-open" in out
+    assert "verdict: block service" in out and "verdict: unblocked service" in out
+    done = next(ln for ln in out.splitlines() if "feature-store: done" in ln)
+    assert int(done.split("failed")[1]) > 0
     # The client shifted amount and merchant_risk; exactly those raise drift alerts.
     alerts = [ln.split("│")[1].strip() for ln in out.splitlines() if "ALERT" in ln]
     assert sorted(alerts) == ["amount", "merchant_risk"]

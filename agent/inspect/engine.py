@@ -20,12 +20,20 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class InspectionConfig:
-    pii_enabled: bool = True
-    pii_custom: Mapping[str, str] = field(default_factory=dict)
-    baselines: Mapping[str, Baseline] = field(default_factory=dict)  # model name -> baseline
+class ModelInspection:
+    """How one model is checked: against its training baseline, with its own thresholds."""
+
+    baseline: Baseline
     drift: DriftConfig = field(default_factory=DriftConfig)
     schema: SchemaConfig = field(default_factory=SchemaConfig)
+
+
+@dataclass
+class InspectionConfig:
+    pii_enabled: bool = True
+    pii_types: tuple[str, ...] | None = None  # None: every built-in type
+    pii_custom: Mapping[str, str] = field(default_factory=dict)
+    models: Mapping[str, ModelInspection] = field(default_factory=dict)  # model name -> checks
 
 
 class InspectionEngine:
@@ -37,12 +45,12 @@ class InspectionEngine:
     def configure(self, config: InspectionConfig) -> None:
         """Swap in a new configuration (policy reload). Drift windows restart."""
         pii = (
-            PiiScanner(secret=self._secret, custom=dict(config.pii_custom))
+            PiiScanner(secret=self._secret, custom=dict(config.pii_custom), types=config.pii_types)
             if config.pii_enabled
             else None
         )
-        drift = {m: DriftMonitor(b, config.drift) for m, b in config.baselines.items()}
-        schema = {m: SchemaChecker(b, config.schema) for m, b in config.baselines.items()}
+        drift = {m: DriftMonitor(mi.baseline, mi.drift) for m, mi in config.models.items()}
+        schema = {m: SchemaChecker(mi.baseline, mi.schema) for m, mi in config.models.items()}
         with self._lock:
             self._pii = pii
             self._drift = drift

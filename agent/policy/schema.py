@@ -9,6 +9,7 @@ setting does.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -276,3 +277,21 @@ def content_hash(policy: Policy) -> str:
         to_document(policy), sort_keys=True, separators=(",", ":"), ensure_ascii=True
     )
     return hashlib.sha256(canonical.encode()).hexdigest()[:HASH_LENGTH]
+
+
+def observe_only(policy: Policy) -> Policy:
+    """The same policy with every action at most "alert": what runs when no policy file was
+    given, so infertap never blocks traffic unless an operator asked it to."""
+
+    def soften(a: SeverityActions) -> SeverityActions:
+        def one(x: Action) -> Action:
+            return "alert" if x in ("block_flow", "circuit_break") else x
+
+        return SeverityActions(one(a.info), one(a.warn), one(a.alert))
+
+    actions = ActionsSpec(
+        pii=soften(policy.actions.pii),
+        drift=soften(policy.actions.drift),
+        schema=soften(policy.actions.schema),
+    )
+    return dataclasses.replace(policy, actions=actions, source=f"{policy.source} (observe only)")

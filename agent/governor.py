@@ -1,0 +1,165 @@
+"""The policy in force, and what it does: inspection settings, sampling and watched ports, the
+actions taken on findings (log, alert, block the flow, trip the model's circuit breaker), and
+reloads that never replace a good policy with a bad one."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from infertap.agent.enforce.breaker import CircuitBreaker, CircuitEvent
+from infertap.agent.export.events import AgentEvent
+from infertap.agent.flows.records import Endpoint
+from infertap.agent.inspect.baseline import Baseline, BaselineError
+from infertap.agent.inspect.engine import InspectionConfig, ModelInspection
+from infertap.agent.inspect.findings import Finding
+from infertap.agent.models.events import InferenceEvent
+from infertap.agent.policy.loader import PolicyError
+from infertap.agent.policy.schema import Policy
+from infertap.agent.policy.watcher import PolicyWatcher
+
+if TYPE_CHECKING:
+    from infertap.agent.runtime import Agent
+
+log = logging.getLogger(__name__)
+
+
+class _KernelPort:
+    """The breaker's view of the verdict maps."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    def block_service(self, service: Endpoint, reason: str) -> None:
+        v = self._agent.verdicts.block_service(service, reason)
+        if v is not None:
+            self._agent.publish_verdict(v.describe(), {"action": "block"})
+
+    def unblock_service(self, service: Endpoint) -> None:
+        v = self._agent.verdicts.unblock_service(service)
+        if v is not None:
+            self._agent.publish_verdict(f"unblocked service {service}", {"action": "unblock"})
+
+
+def inspection_config(policy: Policy) -> InspectionConfig:
+    """The engine's settings from a policy; loads baselines (raises PolicyError on a bad one)."""
+    models: dict[str, ModelInspection] = {}
+    for spec in policy.models:
+        if spec.baseline is None:
+            continue
+        try:
+            baseline = Baseline.load(Path(spec.baseline))
+        except (BaselineError, OSError) as exc:
+            raise PolicyError([f"{policy.source}: models {spec.name}: baseline: {exc}"]) from exc
+        models[spec.name] = ModelInspection(
+            baseline, spec.drift.to_config(), spec.schema.to_config()
+        )
+    return InspectionConfig(
+        pii_enabled=policy.pii.enabled,
+        pii_types=policy.pii.types,
+        pii_custom=policy.pii.custom_patterns(),
+        models=models,
+    )
+
+
+class Governor:
+    def __init__(self, agent: Agent, policy: Policy) -> None:
+        self.agent = agent
+        self.policy = policy
+        self.breaker = CircuitBreaker.from_policy(policy, _KernelPort(agent))
+        self._watcher: PolicyWatcher | None = None
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    # ---- policy ----
+
+    def apply(self, policy: Policy) -> None:
+        """Put a policy in force. Raises PolicyError, leaving the current one, if it cannot."""
+        config = inspection_config(policy)  # may raise: before anything changes
+        a = self.agent
+        a.engine.configure(config)
+        a.inference.model_label.set_known(m.name for m in policy.models)
+        if a.sensor.headers is not None:  # started: the maps exist
+            if not a.options.ports:  # ports given on the command line win over the policy
+                a.sensor.set_ports(sorted({s.port for s in policy.services}))
+            a.sensor.set_sampling(policy.sampling.sample_bytes, policy.sampling.sample_one_in)
+        self.breaker.reconfigure(policy)
+        self.policy = policy
+        a.policy_hash = policy.hash
+        log.info("policy %s in force (%s)", policy.hash, policy.source)
+
+    def watch(self, path: Path) -> None:
+        def on_change(policy: Policy) -> None:
+            try:
+                self.apply(policy)
+                self._publish("policy", {"hash": policy.hash, "source": str(path)})
+            except PolicyError as exc:
+                on_error(str(exc))
+
+        def on_error(message: str) -> None:
+            log.warning("policy not reloaded, keeping %s: %s", self.policy.hash, message)
+            self._publish("policy_error", {"description": message, "kept": self.policy.hash})
+
+        self._watcher = PolicyWatcher(path, on_change, on_error, initial=self.policy)
+        self._watcher.start()
+
+    # ---- findings ----
+
+    def on_inspected(
+        self, event: InferenceEvent, findings: list[Finding], client_flow: int | None
+    ) -> None:
+        """Every inference event, with its findings (often none). Runs on the reader thread."""
+        self.breaker.note_service(event.model, event.service)
+        for f in findings:
+            action = self.policy.action_for(f.kind, f.severity)
+            if action == "block_flow" and client_flow is not None:
+                v = self.agent.verdicts.block_flow(client_flow, f"{f.kind} {f.type}")
+                if v is not None:
+                    self.agent.publish_verdict(v.describe(), {"action": "block"})
+            elif action == "circuit_break":
+                self._circuit(self.breaker.record(f, event.service))
+            elif action == "alert":
+                log.warning(
+                    "%s %s finding on model %s at %s", f.severity, f.type, f.model, f.location
+                )
+
+    def states(self) -> dict[str, int]:
+        return {m: int(s) for m, s in self.breaker.states().items()}
+
+    def _circuit(self, events: list[CircuitEvent]) -> None:
+        for ev in events:
+            data = ev.to_data()
+            log.warning(
+                "circuit %s: %s -> %s (%s)",
+                ev.model,
+                data["from_state"],
+                data["to_state"],
+                ev.reason,
+            )
+            self._publish("circuit", data)
+
+    def _publish(self, kind: str, data: dict[str, object]) -> None:
+        self.agent.events.publish(AgentEvent(kind, time.monotonic_ns(), dict(data)))
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        def tick() -> None:
+            while not self._stop.wait(0.25):
+                try:
+                    self._circuit(self.breaker.tick())
+                except Exception:
+                    log.exception("circuit breaker tick failed")
+
+        self._ticker = threading.Thread(target=tick, name="breaker", daemon=True)
+        self._ticker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._ticker is not None:
+            self._ticker.join(timeout=2)
