@@ -118,4 +118,36 @@ struct itap_record {
     __u16 pad;
 };
 
+/* ---- Steering (bpf/steer.c): weighted routing of new connections at connect() ---------------
+ *
+ * A route maps a service (struct itap_service_key: a VIP or pod ip:port, IPv4-mapped IPv6 folded to
+ * IPv4) to up to ITAP_STEER_MAX_BACKENDS weighted backends of the same family. The original
+ * destination of every rewritten socket is kept in its socket storage as a struct itap_service_key. */
+#define ITAP_STEER_MAX_BACKENDS 8
+
+/* Indexes into the steering per-CPU stats array. */
+#define ITAP_STEER_STAT_CONNECTS 0     /* TCP connects seen by the connect programs */
+#define ITAP_STEER_STAT_REWRITTEN 1    /* connects sent to a backend */
+#define ITAP_STEER_STAT_NO_STORAGE 2   /* route matched, original dst not storable: left alone */
+#define ITAP_STEER_STAT_BAD_ROUTE 3    /* route matched but malformed: left alone */
+#define ITAP_STEER_STAT_ORIG_DST 4     /* SO_ORIGINAL_DST answered from socket storage */
+#define ITAP_STEER_STAT_COUNT 5
+
+struct itap_steer_backend {
+    __u32 ip[4];      /* network order, IPv4 in ip[0] */
+    __u16 port;       /* host order */
+    __u16 pad;
+    __u32 weight_end; /* cumulative weight: picked when previous weight_end <= draw < weight_end */
+};
+
+/* Value of the route map. Written whole by userspace (a hash map update swaps the element, so
+ * the connect program never sees half of an old route and half of a new one). */
+struct itap_steer_route {
+    __u32 slot;         /* this route's counters start at slot * ITAP_STEER_MAX_BACKENDS */
+    __u32 n_backends;   /* 1..ITAP_STEER_MAX_BACKENDS */
+    __u32 total_weight; /* backends[n_backends - 1].weight_end */
+    __u32 pad;
+    struct itap_steer_backend backends[ITAP_STEER_MAX_BACKENDS];
+};
+
 #endif /* INFERTAP_H */

@@ -56,6 +56,14 @@ def test_python_constants_match_c_defines() -> None:
     assert defines["ITAP_SAMPLE_TRUNCATED"] == structs.SAMPLE_TRUNCATED
     assert defines["ITAP_SAMPLE_PULL_FAILED"] == structs.SAMPLE_PULL_FAILED
     assert defines["ITAP_VERDICT_BLOCK"] == structs.VERDICT_BLOCK
+    assert defines["ITAP_STEER_MAX_BACKENDS"] == structs.STEER_MAX_BACKENDS
+    steer = {k: v for k, v in defines.items() if k.startswith("ITAP_STEER_STAT_")}
+    assert steer.pop("ITAP_STEER_STAT_COUNT") == len(structs.STEER_STAT_NAMES)
+    steer_names = [
+        k.removeprefix("ITAP_STEER_STAT_").lower()
+        for k, _ in sorted(steer.items(), key=lambda kv: kv[1])
+    ]
+    assert steer_names == list(structs.STEER_STAT_NAMES)
     stat_defines = {k: v for k, v in defines.items() if k.startswith("ITAP_STAT_")}
     assert stat_defines.pop("ITAP_STAT_COUNT") == len(structs.STAT_NAMES)
     by_index = sorted(stat_defines.items(), key=lambda kv: kv[1])

@@ -97,6 +97,32 @@ class Config(ct.Structure):
     )
 
 
+# Steering (bpf/steer.c).
+STEER_MAX_BACKENDS = 8
+
+# Index -> name of the steering per-CPU stats array (ITAP_STEER_STAT_* in the header, in order).
+STEER_STAT_NAMES = ("connects", "rewritten", "no_storage", "bad_route", "orig_dst")
+
+
+class SteerBackend(ct.Structure):
+    _fields_ = (
+        ("ip", ct.c_uint32 * 4),
+        ("port", ct.c_uint16),
+        ("pad", ct.c_uint16),
+        ("weight_end", ct.c_uint32),
+    )
+
+
+class SteerRoute(ct.Structure):
+    _fields_ = (
+        ("slot", ct.c_uint32),
+        ("n_backends", ct.c_uint32),
+        ("total_weight", ct.c_uint32),
+        ("pad", ct.c_uint32),
+        ("backends", SteerBackend * STEER_MAX_BACKENDS),
+    )
+
+
 class Record(ct.Structure):
     _fields_ = (
         ("kind", ct.c_uint32),
@@ -118,4 +144,6 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "itap_flow": Flow,
     "itap_config": Config,
     "itap_record": Record,
+    "itap_steer_backend": SteerBackend,
+    "itap_steer_route": SteerRoute,
 }
