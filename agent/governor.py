@@ -16,6 +16,7 @@ from infertap.agent.flows.records import Endpoint
 from infertap.agent.inspect.baseline import Baseline, BaselineError
 from infertap.agent.inspect.engine import InspectionConfig, ModelInspection
 from infertap.agent.inspect.findings import Finding
+from infertap.agent.kernel.steering import SteeringError
 from infertap.agent.models.events import InferenceEvent
 from infertap.agent.policy.loader import PolicyError
 from infertap.agent.policy.schema import Policy
@@ -79,17 +80,36 @@ class Governor:
     def apply(self, policy: Policy) -> None:
         """Put a policy in force. Raises PolicyError, leaving the current one, if it cannot."""
         config = inspection_config(policy)  # may raise: before anything changes
+        self.agent.mirror.configure(policy.mirror)  # may raise (sink directory), changing nothing
+        self._apply_routes(policy)  # may raise too, changing nothing
         a = self.agent
         a.engine.configure(config)
         a.inference.model_label.set_known(m.name for m in policy.models)
         if a.sensor.headers is not None:  # started: the maps exist
-            if not a.options.ports:  # ports given on the command line win over the policy
+            # Ports given on the command line win over the policy's; and without a policy file
+            # (the built-in, observe-only one) every TCP flow is watched, as `run` documents.
+            if not a.options.ports and a.options.policy is not None:
                 a.sensor.set_ports(sorted({s.port for s in policy.services}))
             a.sensor.set_sampling(policy.sampling.sample_bytes, policy.sampling.sample_one_in)
         self.breaker.reconfigure(policy)
         self.policy = policy
         a.policy_hash = policy.hash
         log.info("policy %s in force (%s)", policy.hash, policy.source)
+
+    def _apply_routes(self, policy: Policy) -> None:
+        steering = self.agent.steering
+        if steering is None or not steering.started:
+            if policy.routes:
+                log.warning(
+                    "policy %s has routes, but steering is not loaded (it loads only when the"
+                    " policy the agent starts with has routes): restart the agent to route",
+                    policy.hash,
+                )
+            return
+        try:
+            steering.set_routes(policy.routes)
+        except SteeringError as exc:
+            raise PolicyError([f"{policy.source}: routes: {exc}"]) from exc
 
     def watch(self, path: Path) -> None:
         def on_change(policy: Policy) -> None:

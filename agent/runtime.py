@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 
@@ -32,6 +33,8 @@ from infertap.agent.governor import Governor
 from infertap.agent.inspect.engine import InspectionEngine
 from infertap.agent.kernel.ringbuf import RingReader
 from infertap.agent.kernel.sensor import Sensor, SensorOptions
+from infertap.agent.kernel.steering import Steering
+from infertap.agent.mirror.mirror import Mirror
 from infertap.agent.pipeline import Pipeline
 from infertap.agent.pods import PodDirectory
 from infertap.agent.policy.loader import default_policy, load_policy
@@ -46,15 +49,22 @@ class AgentOptions:
     ports: tuple[int, ...] = ()
     metrics_addr: str | None = DEFAULT_METRICS  # None: no metrics server
     api_addr: str | None = DEFAULT_API  # None: no API server
+    api_tls_dir: Path | None = None  # ca.pem, server.pem, server-key.pem: required for TCP
+    api_allow: tuple[str, ...] = ()  # client identities that may change verdicts; () = any
     sample_bytes: int = 4096
     sample_one_in: int = 1
     run_dir: Path = Path("/run/infertap")
     policy: Path | None = None  # None: the built-in defaults, observing only (never blocking)
+    kubernetes: bool = False  # attach to this node's inspected pods as discovery finds them
+    node_name: str = ""  # with kubernetes: this node (the DaemonSet sets NODE_NAME)
+    kube_api: Any = None  # with kubernetes: a KubeApi (tests); None = the in-cluster client
     ring_pages: int = 4096
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def mode(self) -> str:
+        if self.kubernetes:
+            return "kubernetes"
         return "pods" if self.cgroups else "node"
 
 
@@ -86,6 +96,7 @@ class Agent:
         self.circuit_states: Callable[[], dict[str, int]] = dict
         self.pods = PodDirectory(self.sensor.mount)
         self.verdicts = VerdictStore(self.sensor)
+        self.mirror = Mirror(self.events, self.registry)  # configured by the governor's apply()
         self.governor = Governor(
             self, load_policy(options.policy) if options.policy else observe_only(default_policy())
         )
@@ -99,7 +110,13 @@ class Agent:
             engine=self.engine,
             on_inspected=self.governor.on_inspected,
         )
+        self.pipeline.exchange_taps.append(self.mirror.tap)
         self.circuit_states = self.governor.states
+        # Loaded only when the starting policy routes something: its getsockopt program runs
+        # on every getsockopt in the pods. Routes added by a later reload need a restart.
+        self.steering: Steering | None = None
+        if self.governor.policy.routes:
+            self.steering = Steering(options.run_dir, cgroup_mount=self.sensor.mount)
         self.ready = False
         self.started_at = time.time()
         self._stop = threading.Event()
@@ -108,6 +125,8 @@ class Agent:
         self.metrics: MetricsServer | None = None
         self.api: object | None = None
         self.reader_error: str = ""
+        self._watcher: Any = None
+        self._watch_thread: threading.Thread | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -120,14 +139,22 @@ class Agent:
 
     def _start(self) -> None:
         self.sensor.start()
+        if self.steering is not None:
+            self.steering.start()  # before the policy is applied: it sets the routes
         self.governor.apply(self.governor.policy)
+        self.mirror.start()
         self.governor.start()
         if self.options.policy is not None:
             self.governor.watch(self.options.policy)
         if self.sensor.swept:
             log.warning("removed %d program(s) a previous agent left attached", self.sensor.swept)
-        for cg in self.options.cgroups or ("/",):
-            self.sensor.attach(cg)
+        if self.options.kubernetes:
+            self._start_discovery()
+        else:
+            for cg in self.options.cgroups or ("/",):
+                self.sensor.attach(cg)
+                if self.steering is not None:
+                    self.steering.attach(cg)
         self._reader = RingReader(self.sensor.ring_fd, self.sensor.ring_size)
         self._reader_thread = threading.Thread(
             target=self._read_loop, name="ring-reader", daemon=True
@@ -150,10 +177,49 @@ class Agent:
         if self.options.api_addr:
             from infertap.agent.api.server import ApiServer
 
-            api = ApiServer(self, self.options.api_addr)
+            api = ApiServer(
+                self, self.options.api_addr, self.options.api_tls_dir, self.options.api_allow
+            )
             api.start()
             self.api = api
         self.ready = True
+
+    def _start_discovery(self) -> None:
+        from infertap.agent.discovery.pods import PodWatcher
+
+        if not self.options.node_name:
+            raise ValueError("--kubernetes needs the node name (NODE_NAME)")
+        self._watcher = PodWatcher(
+            self.options.node_name,
+            self.sensor.mount,
+            self._pod_event,
+            api=self.options.kube_api,
+            namespace_selector=self.governor.policy.discovery.namespace_selector,
+        )
+        self._watch_thread = threading.Thread(
+            target=self._watcher.run, args=(self._stop,), name="pod-watch", daemon=True
+        )
+        self._watch_thread.start()
+
+    def _pod_event(self, event: Any) -> None:
+        """PodAdded / PodRemoved from discovery: attach or detach, and name the cgroup."""
+        from infertap.agent.discovery.pods import PodAdded
+
+        if isinstance(event, PodAdded):
+            path = self.sensor.attach(event.cgroup_path)
+            self.pods.register(path, event.namespace, event.name)
+            action = "attached"
+        else:
+            self.sensor.detach(event.cgroup_path)
+            self.pods.forget(event.cgroup_path)
+            action = "detached"
+        self.events.publish(
+            AgentEvent(
+                "pod",
+                time.monotonic_ns(),
+                {"action": action, "namespace": event.namespace, "pod": event.name},
+            )
+        )
 
     def healthy(self) -> bool:
         return self._reader_thread is not None and self._reader_thread.is_alive()
@@ -167,6 +233,10 @@ class Agent:
             api.stop()  # type: ignore[attr-defined]
             self.api = None
         self.governor.stop()
+        self.mirror.stop()  # before the hub closes: workers may still publish results
+        if self._watch_thread is not None:
+            self._watch_thread.join(timeout=5)  # it detaches every pod as it ends
+            self._watch_thread = None
         self.events.close()
         if self._reader_thread is not None:
             self._reader_thread.join(timeout=5)
@@ -177,6 +247,8 @@ class Agent:
         if self.metrics is not None:
             self.metrics.stop()
             self.metrics = None
+        if self.steering is not None:
+            self.steering.close()
         self.sensor.close()
 
     def wait(self) -> None:

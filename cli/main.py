@@ -27,6 +27,7 @@ from rich.table import Table
 
 from infertap import __version__
 from infertap.agent.defaults import DEFAULT_API, DEFAULT_METRICS, parse_host_port
+from infertap.cli.certs import certs_app
 
 app = typer.Typer(
     name="infertap",
@@ -40,6 +41,24 @@ err = Console(stderr=True, soft_wrap=True)
 
 ApiOpt = Annotated[
     str, typer.Option("--api", help="Agent API: unix:PATH or HOST:PORT.", envvar="INFERTAP_API")
+]
+# HOST:PORT is mutual TLS only; one directory holds the material (see agent/api/tls.py).
+TlsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-dir",
+        envvar="INFERTAP_TLS_DIR",
+        help="For a HOST:PORT API: ca.pem plus client.pem, client-key.pem "
+        "(run: server.pem, server-key.pem). 'infertap certs dev-ca' makes them.",
+    ),
+]
+TlsNameOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tls-server-name",
+        envvar="INFERTAP_TLS_SERVER_NAME",
+        help="Name to check the server certificate for, instead of the --api host.",
+    ),
 ]
 
 
@@ -87,12 +106,32 @@ def run(
         Path | None,
         typer.Option(help="Policy file (YAML), reloaded on change; none = observe only."),
     ] = None,
+    kubernetes: Annotated[
+        bool,
+        typer.Option(
+            "--kubernetes",
+            envvar="INFERTAP_KUBERNETES",
+            help="Attach to this node's inspected pods as they come and go (needs NODE_NAME).",
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    tls_dir: TlsOpt = None,
+    api_allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--api-allow",
+            help="Client certificate name (CN or SAN) allowed to change verdicts over TLS "
+            "(repeatable); none = any client the CA signed.",
+        ),
+    ] = None,
 ) -> None:
     """Run the agent in the foreground until SIGINT or SIGTERM, then detach everything."""
+    from infertap.agent.api.tls import server_tls_for
     from infertap.agent.runtime import Agent, AgentOptions
 
     _setup_logging(log_level)
+    if api:
+        server_tls_for(api, tls_dir)  # TCP without TLS material: one line, before any attach
     if metrics_addr:
         try:
             parse_host_port(metrics_addr, "--metrics-addr")
@@ -103,10 +142,18 @@ def run(
         ports=tuple(port or ()),
         metrics_addr=metrics_addr or None,
         api_addr=api or None,
+        api_tls_dir=tls_dir,
+        api_allow=tuple(api_allow or ()),
         sample_bytes=sample_bytes,
         sample_one_in=sample_one_in,
         policy=policy,
+        kubernetes=kubernetes,
+        node_name=os.environ.get("NODE_NAME", ""),
     )
+    if kubernetes and cgroup:
+        raise UserError("--kubernetes finds the pods' cgroups itself: give no --cgroup")
+    if kubernetes and not options.node_name:
+        raise UserError("--kubernetes needs NODE_NAME set to this node's name")
     agent = Agent(options)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -133,10 +180,10 @@ def run(
     out.print("infertap stopped: programs detached", highlight=False)
 
 
-def _client(api: str) -> Any:
+def _client(api: str, tls_dir: Path | None, tls_name: str | None) -> Any:
     from infertap.agent.api.client import connect
 
-    return connect(api)[1]
+    return connect(api, tls_dir=tls_dir, server_name=tls_name)[1]
 
 
 def _endpoint(text: str) -> tuple[str, int]:
@@ -168,13 +215,15 @@ def _target(service: str | None, flow: int | None) -> Any:
 def flows(
     api: ApiOpt = DEFAULT_API,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+    tls_dir: TlsOpt = None,
+    tls_name: TlsNameOpt = None,
 ) -> None:
     """List intercepted flows with their kernel counters."""
     from google.protobuf.json_format import MessageToDict
 
     from infertap.agent.api import infertap_pb2 as pb
 
-    resp = _client(api).ListFlows(pb.ListFlowsRequest())
+    resp = _client(api, tls_dir, tls_name).ListFlows(pb.ListFlowsRequest())
     if as_json:
         docs = [
             MessageToDict(
@@ -221,10 +270,12 @@ def block(
     service: Annotated[str | None, typer.Option(help="Block a service IP:PORT.")] = None,
     flow: Annotated[int | None, typer.Option(help="Block one flow by id (see 'flows').")] = None,
     api: ApiOpt = DEFAULT_API,
+    tls_dir: TlsOpt = None,
+    tls_name: TlsNameOpt = None,
 ) -> None:
     """Drop sends to a service or on a flow in the kernel: the sender gets EACCES."""
     target = _target(service, flow)
-    reply = _client(api).Block(target)
+    reply = _client(api, tls_dir, tls_name).Block(target)
     out.print(reply.description, highlight=False)
 
 
@@ -233,10 +284,12 @@ def unblock(
     service: Annotated[str | None, typer.Option(help="Unblock a service IP:PORT.")] = None,
     flow: Annotated[int | None, typer.Option(help="Unblock one flow by id.")] = None,
     api: ApiOpt = DEFAULT_API,
+    tls_dir: TlsOpt = None,
+    tls_name: TlsNameOpt = None,
 ) -> None:
     """Remove a block; open connections can send again."""
     target = _target(service, flow)
-    reply = _client(api).Unblock(target)
+    reply = _client(api, tls_dir, tls_name).Unblock(target)
     out.print(reply.description, highlight=False)
 
 
@@ -247,13 +300,15 @@ def status(
     ready: Annotated[
         bool, typer.Option("--ready", help="Exit 0 only if the agent is ready.")
     ] = False,
+    tls_dir: TlsOpt = None,
+    tls_name: TlsNameOpt = None,
 ) -> None:
     """Agent readiness, attachment and kernel counters."""
     from google.protobuf.json_format import MessageToDict
 
     from infertap.agent.api import infertap_pb2 as pb
 
-    st = _client(api).GetStatus(pb.StatusRequest())
+    st = _client(api, tls_dir, tls_name).GetStatus(pb.StatusRequest())
     if ready and not st.ready:
         raise UserError("agent is not ready")
     if as_json:
@@ -272,13 +327,16 @@ def status(
 def events(
     api: ApiOpt = DEFAULT_API,
     kind: Annotated[list[str] | None, typer.Option(help="Only these kinds (repeatable).")] = None,
+    tls_dir: TlsOpt = None,
+    tls_name: TlsNameOpt = None,
 ) -> None:
     """Stream live events (flows, HTTP requests, verdicts) as JSON lines."""
     from google.protobuf.json_format import MessageToJson
 
     from infertap.agent.api import infertap_pb2 as pb
 
-    for ev in _client(api).StreamEvents(pb.StreamEventsRequest(kinds=kind or [])):
+    stub = _client(api, tls_dir, tls_name)
+    for ev in stub.StreamEvents(pb.StreamEventsRequest(kinds=kind or [])):
         print(MessageToJson(ev, indent=None, preserving_proto_field_name=True), flush=True)
 
 
@@ -306,11 +364,13 @@ def demo(
 def top(
     api: ApiOpt = DEFAULT_API,
     refresh: Annotated[float, typer.Option(min=0.1, max=60.0, help="Seconds between polls.")] = 1.0,
+    tls_dir: TlsOpt = None,
+    tls_name: TlsNameOpt = None,
 ) -> None:
     """Live view: models (rate, latency, errors, circuit), drift, PII, flows, verdicts."""
     from infertap.cli.top.main import run_top
 
-    run_top(api, refresh)
+    run_top(api, refresh, tls_dir, tls_name)
 
 
 policy_app = typer.Typer(help="Check and show policy files.", no_args_is_help=True)
@@ -319,6 +379,7 @@ baseline_app = typer.Typer(
 )
 app.add_typer(policy_app, name="policy")
 app.add_typer(baseline_app, name="baseline")
+app.add_typer(certs_app, name="certs")
 
 
 @policy_app.command("validate")
@@ -407,13 +468,14 @@ def main() -> None:
     import grpc
 
     from infertap.agent.api.client import AgentUnreachable
+    from infertap.agent.api.tls import TlsError
     from infertap.agent.kernel.cgroups import CgroupError
     from infertap.agent.kernel.sensor import SensorError
     from infertap.agent.policy.loader import PolicyError
 
     try:
         app()
-    except (UserError, AgentUnreachable, CgroupError, SensorError, PolicyError) as exc:
+    except (UserError, AgentUnreachable, CgroupError, SensorError, PolicyError, TlsError) as exc:
         err.print(f"infertap: error: {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except grpc.RpcError as exc:

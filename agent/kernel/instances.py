@@ -14,7 +14,12 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
+
+
+class RegistryUnreadable(RuntimeError):
+    """A live agent's registration could not be read: sweeping now could remove its programs."""
 
 
 class InstanceRegistry:
@@ -60,13 +65,23 @@ class InstanceRegistry:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    with contextlib.suppress(ValueError, OSError):
-                        ids.update(json.loads(Path(path).read_text())["prog_ids"])
+                    ids.update(self._read_ids(path))
                     continue
                 fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)
         return ids
+
+    @staticmethod
+    def _read_ids(path: Path) -> list[int]:
+        """A live instance's ids. Its file can be empty for an instant while it registers (it
+        takes the lock, then writes): retry briefly, and if it stays unreadable, refuse, so a
+        sweep never takes an unreadable live instance's programs for stale ones."""
+        for _ in range(50):
+            with contextlib.suppress(ValueError, OSError, KeyError, TypeError):
+                return [int(i) for i in json.loads(path.read_text())["prog_ids"]]
+            time.sleep(0.01)
+        raise RegistryUnreadable(f"instance file {path} is locked but unreadable")
 
     def remove_dead(self) -> int:
         """Delete the files of instances that are gone. Returns how many."""

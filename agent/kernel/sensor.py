@@ -24,7 +24,7 @@ from typing import Any
 from infertap.agent.flows.records import FlowInfo
 from infertap.agent.kernel import bpfsys, btf, cgroups, decode, structs
 from infertap.agent.kernel.headers import HeaderTree, find_headers, point_bcc_at
-from infertap.agent.kernel.instances import shared_registry
+from infertap.agent.kernel.instances import RegistryUnreadable, shared_registry
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,11 @@ class Sensor:
 
     def sweep_stale(self) -> int:
         """Detach infertap programs that no live agent owns, from every cgroup. Returns count."""
-        live = self._registry.live_prog_ids() | set(self._registry.own_prog_ids())
+        try:
+            live = self._registry.live_prog_ids() | set(self._registry.own_prog_ids())
+        except RegistryUnreadable as exc:
+            log.warning("not sweeping stale programs: %s", exc)
+            return 0
         removed = 0
         for cg in cgroups.walk(self.mount):
             for attach_type in SWEPT_ATTACH_TYPES:

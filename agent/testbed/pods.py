@@ -98,6 +98,7 @@ class Lab:
         self.bridge = f"itbr{self.tag}"[:15]
         self.subnet = f"10.{200 + pid % 50}.{pid % 250}"
         self.pods: dict[str, Pod] = {}
+        self._made: list[Path] = []  # parent cgroup folders add_pod made, removed on close
         self._ipr = IPRoute()
         try:
             self._ipr.link("add", ifname=self.bridge, kind="bridge")
@@ -108,13 +109,22 @@ class Lab:
             self.close()
             raise
 
-    def add_pod(self, name: str) -> Pod:
+    def add_pod(self, name: str, cgroup: Path | None = None) -> Pod:
+        """A new pod. `cgroup` places its cgroup elsewhere under the mount (e.g. where kubelet
+        would); its parent folders are made here and removed with the pod."""
         n = len(self.pods) + 1
         ns = f"itap-{self.tag}-{name}"
         host_veth = f"itv{self.tag}{n}"[:15]
         pod_veth = "eth0"
         ip = f"{self.subnet}.{n + 1}"
-        cgroup = self.cgroup_root / name
+        if cgroup is None:
+            cgroup = self.cgroup_root / name
+        else:
+            for parent in reversed(cgroup.relative_to(self.mount).parents):
+                folder = self.mount / parent
+                if not folder.exists():
+                    folder.mkdir()
+                    self._made.append(folder)
         pod = Pod(name=name, netns=ns, cgroup=cgroup, ip=ip, host_veth=host_veth)
         self.pods[name] = pod
         netns.create(ns)
@@ -147,6 +157,9 @@ class Lab:
                 netns.remove(pod.netns)
             _rmdir_cgroup(pod.cgroup)
         self.pods.clear()
+        for folder in reversed(self._made):
+            _rmdir_cgroup(folder)
+        self._made.clear()
         with contextlib.suppress(Exception):
             idx = self._ipr.link_lookup(ifname=self.bridge)
             if idx:
