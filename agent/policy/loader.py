@@ -22,8 +22,10 @@ from typing import Final, Literal, TypeVar, cast, get_args
 import yaml
 
 from infertap.agent.discovery.pods import LabelSelector, Requirement
+from infertap.agent.flows.records import Endpoint
 from infertap.agent.inspect.drift import Thresholds
 from infertap.agent.inspect.pii import BUILTIN_TYPES
+from infertap.agent.kernel.steering import MAX_BACKENDS, MAX_TOTAL_WEIGHT, Backend, Route
 from infertap.agent.kernel.structs import SAMPLE_MAX
 from infertap.agent.policy.schema import (
     ACTIONS,
@@ -496,6 +498,88 @@ def _circuit(r: _Reader, node: YNode, path: str) -> CircuitSpec:
     return spec
 
 
+_ENDPOINT: Final = re.compile(r"\[([^\]]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})")
+
+
+def _endpoint(r: _Reader, node: YNode, path: str) -> Endpoint | None:
+    """ip:port, an IPv6 address in brackets ([2001:db8::1]:80). IPv4-mapped IPv6 is normalized
+    to IPv4, as the kernel sees it."""
+    text = node.value if isinstance(node, YScalar) else None
+    m = _ENDPOINT.fullmatch(text) if isinstance(text, str) else None
+    if m:
+        bracketed = m.group(1) is not None
+        try:
+            ip = ipaddress.ip_address(m.group(1) if bracketed else m.group(3))
+        except ValueError:
+            ip = None
+        port = int(m.group(2) or m.group(4))
+        if ip is not None and bracketed == (ip.version == 6) and 1 <= port <= 65535:
+            mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+            return Endpoint((mapped or ip).compressed, port)
+    r.error(node.line, path, "must be ip:port with a port from 1 to 65535 ([ip]:port for IPv6)")
+    return None
+
+
+def _routes(r: _Reader, node: YNode, path: str) -> tuple[Route, ...]:
+    """Weighted routing at connect (agent/kernel/steering.py): each service ip:port to 1 to
+    MAX_BACKENDS backends of the same address family, with positive integer weights."""
+    routes: list[Route] = []
+    services: dict[Endpoint, int] = {}
+    for i, item in enumerate(r.sequence(node, path)):
+        ipath = f"{path}[{i}]"
+        m = r.mapping(item, ipath, ("service", "backends"))
+        if m is None:
+            continue
+        errors_before = len(r.errors)
+        service = _required(r, m, ipath, "service", lambda n, p: _endpoint(r, n, p))
+        if service is not None:
+            if service in services:
+                r.error(
+                    m.items["service"].line,
+                    _join(ipath, "service"),
+                    f"duplicate of {path}[{services[service]}]",
+                )
+            services.setdefault(service, i)
+        backends: list[Backend] = []
+        bpath = _join(ipath, "backends")
+        if "backends" not in m.items:
+            r.error(m.line, bpath, "required")
+            continue
+        bnode = m.items["backends"]
+        bline = m.key_lines["backends"]  # a block list starts a line below its key
+        items = r.sequence(bnode, bpath)
+        if isinstance(bnode, YSeq | YScalar) and not 1 <= len(items) <= MAX_BACKENDS:
+            r.error(bline, bpath, f"must list 1 to {MAX_BACKENDS} backends")
+        seen: dict[Endpoint, int] = {}
+        for j, b in enumerate(items):
+            jpath = f"{bpath}[{j}]"
+            bm = r.mapping(b, jpath, ("endpoint", "weight"))
+            if bm is None:
+                continue
+            ep = _required(r, bm, jpath, "endpoint", lambda n, p: _endpoint(r, n, p))
+            weight = _required(
+                r, bm, jpath, "weight", lambda n, p: r.integer(n, p, 1, MAX_TOTAL_WEIGHT)
+            )
+            if ep is not None:
+                epath, line = _join(jpath, "endpoint"), bm.items["endpoint"].line
+                if ep in seen:
+                    r.error(line, epath, f"duplicate of {bpath}[{seen[ep]}]")
+                elif service is not None and (":" in ep.ip) != (":" in service.ip):
+                    # connect() can be rewritten only within the socket's address family.
+                    r.error(line, epath, "must be in the service's address family")
+                seen.setdefault(ep, j)
+            if ep is not None and weight is not None:
+                backends.append(Backend(ep, weight))
+        total = sum(b.weight for b in backends)
+        if total > MAX_TOTAL_WEIGHT:
+            r.error(bline, bpath, f"weights add up to {total}, more than {MAX_TOTAL_WEIGHT}")
+        if service is not None and len(r.errors) == errors_before:
+            # Backend order changes nothing in the split: sorted, so it does not change the hash.
+            ordered = tuple(sorted(backends, key=lambda b: (b.endpoint.ip, b.endpoint.port)))
+            routes.append(Route(service, ordered))
+    return tuple(sorted(routes, key=lambda x: (x.service.ip, x.service.port)))
+
+
 # --- entry points ------------------------------------------------------------------------------
 
 _TOP: Final = (
@@ -509,6 +593,7 @@ _TOP: Final = (
     "schema",
     "actions",
     "circuit",
+    "routes",
 )
 
 
@@ -547,6 +632,7 @@ def load_policy_text(text: str, source: str = "<policy>", base_dir: Path | None 
         schema=schema,
         actions=section("actions", lambda n, p: _actions(r, n, p), ActionsSpec()),
         circuit=section("circuit", lambda n, p: _circuit(r, n, p), CircuitSpec()),
+        routes=section("routes", lambda n, p: _routes(r, n, p), ()),
         source=source,
     )
     if r.errors:

@@ -22,6 +22,7 @@ from infertap.agent.inspect.drift import DEFAULT_THRESHOLDS, DriftConfig, Thresh
 from infertap.agent.inspect.findings import FindingKind, Severity
 from infertap.agent.inspect.pii import BUILTIN_TYPES
 from infertap.agent.inspect.schema import DEFAULT_MAX_PAYLOAD_BYTES, SchemaConfig
+from infertap.agent.kernel.steering import Route
 
 Action = Literal["log", "alert", "block_flow", "circuit_break"]
 ACTIONS: Final[tuple[Action, ...]] = get_args(Action)
@@ -155,6 +156,7 @@ class Policy:
     schema: SchemaSpec
     actions: ActionsSpec
     circuit: CircuitSpec
+    routes: tuple[Route, ...] = ()  # weighted routing at connect (agent/kernel/steering.py)
     source: str = field(default="<built-in>", compare=False)  # where it was loaded from
 
     @property
@@ -218,6 +220,13 @@ def _selector_doc(selector: LabelSelector) -> dict[str, Any]:
     return doc
 
 
+def _route_doc(route: Route) -> dict[str, Any]:
+    return {
+        "service": str(route.service),
+        "backends": [{"endpoint": str(b.endpoint), "weight": b.weight} for b in route.backends],
+    }
+
+
 def to_document(policy: Policy) -> dict[str, Any]:
     """The normalized policy as plain data: valid policy YAML, every setting explicit."""
     discovery: dict[str, Any] = {}
@@ -268,6 +277,8 @@ def to_document(policy: Policy) -> dict[str, Any]:
             "max_cooldown": _seconds(c.max_cooldown_s),
             "probe": _seconds(c.probe_s),
         },
+        # Only when set: policies without routes keep the hash they had before routes existed.
+        **({"routes": [_route_doc(x) for x in policy.routes]} if policy.routes else {}),
     }
 
 
