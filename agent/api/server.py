@@ -2,7 +2,8 @@
 
 By default on a unix socket that only root can open (mode 0600, in a 0700 folder): a caller who
 can reach it can block traffic. The socket is created under umask 077 so it is never, even for an
-instant, open to others.
+instant, open to others. Over TCP only with mutual TLS, and verdict changes only from a caller
+with a certificate identity (agent/api/tls.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ import grpc
 from infertap import __version__
 from infertap.agent.api import infertap_pb2 as pb
 from infertap.agent.api import infertap_pb2_grpc as pb_grpc
+from infertap.agent.api.tls import VerdictGuard, is_unix, server_tls_for
 from infertap.agent.enforce.verdicts import Verdict
 from infertap.agent.export.events import AgentEvent
 from infertap.agent.flows.records import Endpoint, FlowInfo
@@ -220,13 +222,26 @@ class ControlServicer(pb_grpc.ControlServicer):
 
 
 class ApiServer:
-    def __init__(self, agent: Agent, address: str) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        address: str,
+        tls_dir: Path | None = None,
+        allowed_identities: Iterable[str] = (),
+    ) -> None:
         self.address = address
+        # TCP without TLS material is refused here (TlsError), before anything listens.
+        self._tls = server_tls_for(address, tls_dir, allowed_identities)
+        guard = VerdictGuard(
+            local=is_unix(address), allowed=self._tls.allowed if self._tls else frozenset()
+        )
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="api")
+            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="api"),
+            interceptors=[guard],
         )
         pb_grpc.add_ControlServicer_to_server(ControlServicer(agent), self._server)
         self._socket: Path | None = None
+        self.port: int | None = None  # the TCP port bound (useful with port 0)
 
     def start(self) -> None:
         if self.address.startswith("unix:"):
@@ -243,12 +258,15 @@ class ApiServer:
             os.chmod(path, 0o600)
             self._socket = path
         else:
-            port = self._server.add_insecure_port(self.address)
+            assert self._tls is not None  # server_tls_for never gives None for TCP
+            try:
+                port = self._server.add_secure_port(self.address, self._tls.credentials())
+            except RuntimeError:  # grpc raises on a port it cannot bind
+                port = 0
             if port == 0:
                 raise OSError(f"cannot listen on {self.address}")
-            log.warning(
-                "API on TCP %s without TLS: anyone who can reach it can block traffic", self.address
-            )
+            self.port = port
+            log.info("API on TCP %s (port %d) with mutual TLS", self.address, port)
             self._server.start()
 
     def stop(self) -> None:

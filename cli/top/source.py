@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 import grpc
@@ -45,10 +46,12 @@ class TopSource(Protocol):
 class ApiSource:
     """TopSource over the agent's gRPC control API; events arrive on a background thread."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(
+        self, address: str, tls_dir: Path | None = None, server_name: str | None = None
+    ) -> None:
         # connect() raises AgentUnreachable (no socket, no permission, nobody answering): the
         # CLI turns that into one line and exit 1 before any screen is drawn.
-        self._channel, self._stub = connect(address)
+        self._channel, self._stub = connect(address, tls_dir=tls_dir, server_name=server_name)
         self._queue: queue.Queue[pb.Event] = queue.Queue(maxsize=EVENT_BACKLOG)
         self._stop = threading.Event()
         self._call: Any = None
