@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import needs_root, start_client, start_server
 
 pytestmark = [needs_root, pytest.mark.kernel]
@@ -39,7 +38,7 @@ def pod_object(ip: str, resource_version: str = "10") -> dict[str, Any]:
 
 
 class StandInKubeApi:
-    """The three calls discovery makes, answered from memory; watch events are pushed by the test."""
+    """The three calls discovery makes, answered from memory; the test pushes watch events."""
 
     def __init__(self, pods: list[dict[str, Any]]) -> None:
         self.pods = pods
