@@ -108,6 +108,11 @@ class Pipeline:
         self.engine = engine
         self._on_inspected = on_inspected
         self.inference_taps: list[Callable[[InferenceEvent], None]] = []
+        # The exchange with its decoded call and pod, for mirroring (agent/mirror): it needs the
+        # request bytes the event no longer holds. Taps must queue, never block or raise.
+        self.exchange_taps: list[
+            Callable[[HttpExchange, InferenceEvent, tuple[str, str]], None]
+        ] = []
         self._flows: dict[int, FlowInfo] = {}  # cookie -> flow
         # connection -> {role: flow}: which pod a request belongs to, without a scan
         self._by_conn: dict[ConnectionId, dict[Role, FlowInfo]] = {}
@@ -194,6 +199,8 @@ class Pipeline:
             return
         for tap in self.inference_taps:
             tap(event)
+        for ex_tap in self.exchange_taps:
+            ex_tap(ex, event, pod)
         latency = event.latency_ns / 1e9 if event.latency_ns is not None else None
         self.inference.count(pod, event.model, event.version, event.protocol, event.status, latency)
         findings = self.engine.inspect(event) if self.engine is not None else []

@@ -390,7 +390,8 @@ def test_error_names_line_and_field(text: str, needle: str, expected: str) -> No
         (
             "version: 1\nmodel:\n  - name: a\n",
             "policy.yaml:2: model: unknown key (did you mean 'models'?); known: version,"
-            " discovery, services, models, sampling, pii, drift, schema, actions, circuit, routes",
+            " discovery, services, models, sampling, pii, drift, schema, actions, circuit, routes,"
+            " mirror",
         ),
         (
             "version: 1\nservices:\n  - {name: a, port: 1, protocol: http}\n",

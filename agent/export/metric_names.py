@@ -60,6 +60,10 @@ METRICS: dict[str, MetricSpec] = {
     "infertap_circuit_state": MetricSpec("gauge", ("model",)),
     # Always 1; the label is the hash of the loaded policy, so a rollout can be followed.
     "infertap_policy_info": MetricSpec("gauge", ("hash",)),
+    # Shadow mirroring (agent/mirror), per mirrored model; result: agree, disagree, error, skipped.
+    "infertap_shadow_requests_total": MetricSpec("counter", ("model", "result")),
+    # Largest absolute output difference, shadow against primary, per mirrored request.
+    "infertap_shadow_max_abs_diff": MetricSpec("histogram", ("model",)),
 }
 
 # Served by prometheus_client's default process collector, not registered by infertap.

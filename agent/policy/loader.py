@@ -27,6 +27,7 @@ from infertap.agent.inspect.drift import Thresholds
 from infertap.agent.inspect.pii import BUILTIN_TYPES
 from infertap.agent.kernel.steering import MAX_BACKENDS, MAX_TOTAL_WEIGHT, Backend, Route
 from infertap.agent.kernel.structs import SAMPLE_MAX
+from infertap.agent.mirror.spec import MirrorSpec
 from infertap.agent.policy.schema import (
     ACTIONS,
     KINDS,
@@ -594,6 +595,7 @@ _TOP: Final = (
     "actions",
     "circuit",
     "routes",
+    "mirror",
 )
 
 
@@ -633,12 +635,22 @@ def load_policy_text(text: str, source: str = "<policy>", base_dir: Path | None 
         actions=section("actions", lambda n, p: _actions(r, n, p), ActionsSpec()),
         circuit=section("circuit", lambda n, p: _circuit(r, n, p), CircuitSpec()),
         routes=section("routes", lambda n, p: _routes(r, n, p), ()),
+        mirror=section(
+            "mirror", lambda n, p: _mirror(r, n, p, base_dir or Path.cwd()), MirrorSpec()
+        ),
         source=source,
     )
     if r.errors:
         # Sorted by line so the list reads like the file.
         raise PolicyError(sorted(r.errors, key=_line_of))
     return policy
+
+
+def _mirror(r: _Reader, node: YNode, path: str, base_dir: Path) -> MirrorSpec:
+    # agent/mirror/policy.py uses this module's helpers, so it is imported here, not at the top.
+    from infertap.agent.mirror.policy import read_mirror
+
+    return read_mirror(r, node, path, base_dir)
 
 
 def _line_of(message: str) -> int:

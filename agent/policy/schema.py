@@ -23,6 +23,7 @@ from infertap.agent.inspect.findings import FindingKind, Severity
 from infertap.agent.inspect.pii import BUILTIN_TYPES
 from infertap.agent.inspect.schema import DEFAULT_MAX_PAYLOAD_BYTES, SchemaConfig
 from infertap.agent.kernel.steering import Route
+from infertap.agent.mirror.spec import MirrorSpec, mirror_document
 
 Action = Literal["log", "alert", "block_flow", "circuit_break"]
 ACTIONS: Final[tuple[Action, ...]] = get_args(Action)
@@ -157,6 +158,7 @@ class Policy:
     actions: ActionsSpec
     circuit: CircuitSpec
     routes: tuple[Route, ...] = ()  # weighted routing at connect (agent/kernel/steering.py)
+    mirror: MirrorSpec = field(default_factory=MirrorSpec)  # shadows and sink (agent/mirror)
     source: str = field(default="<built-in>", compare=False)  # where it was loaded from
 
     @property
@@ -279,6 +281,8 @@ def to_document(policy: Policy) -> dict[str, Any]:
         },
         # Only when set: policies without routes keep the hash they had before routes existed.
         **({"routes": [_route_doc(x) for x in policy.routes]} if policy.routes else {}),
+        # Only when set: policies without mirroring keep the hash they had before it existed.
+        **({"mirror": mirror_document(policy.mirror)} if policy.mirror.configured else {}),
     }
 
 
