@@ -134,13 +134,15 @@ class Governor:
         """Every inference event, with its findings (often none). Runs on the reader thread."""
         self.breaker.note_service(event.model, event.service)
         for f in findings:
+            # Every finding goes to the breaker: it trips only on those whose action is
+            # circuit_break, but needs the others too (a drift level falling back to "info" is
+            # what lets an open circuit close).
+            self._circuit(self.breaker.record(f, event.service))
             action = self.policy.action_for(f.kind, f.severity)
             if action == "block_flow" and client_flow is not None:
                 v = self.agent.verdicts.block_flow(client_flow, f"{f.kind} {f.type}")
                 if v is not None:
                     self.agent.publish_verdict(v.describe(), {"action": "block"})
-            elif action == "circuit_break":
-                self._circuit(self.breaker.record(f, event.service))
             elif action == "alert":
                 log.warning(
                     "%s %s finding on model %s at %s", f.severity, f.type, f.model, f.location
