@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import needs_root
 
 pytestmark = [needs_root, pytest.mark.kernel]
