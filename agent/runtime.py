@@ -59,6 +59,7 @@ class AgentOptions:
     node_name: str = ""  # with kubernetes: this node (the DaemonSet sets NODE_NAME)
     kube_api: Any = None  # with kubernetes: a KubeApi (tests); None = the in-cluster client
     ring_pages: int = 4096
+    accelerate: bool = False  # same-node acceleration (off by default; on by flag or policy)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -78,6 +79,7 @@ class Agent:
                 ports=options.ports,
                 ring_pages=options.ring_pages,
                 run_dir=options.run_dir,
+                accelerate=options.accelerate,
             )
         )
         self.events = EventHub()

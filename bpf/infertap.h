@@ -46,7 +46,9 @@
 #define ITAP_STAT_UNTRACKED_MSGS 10  /* sk_msg ran for a socket with no flow record */
 #define ITAP_STAT_SOCKHASH_FAILED 11
 #define ITAP_STAT_BYTES_UNSEEN 12    /* bytes sent while sk_msg kept a cached verdict */
-#define ITAP_STAT_COUNT 13
+#define ITAP_STAT_REDIRECTED 13      /* messages sent straight to the peer socket */
+#define ITAP_STAT_REDIRECT_MISSED 14 /* accelerated, but the peer was gone: sent over TCP */
+#define ITAP_STAT_COUNT 15
 
 /* A TCP connection as one socket sees it. Addresses in network order (IPv4 in ip[0]), ports in
  * host order. IPv4-mapped IPv6 addresses are folded to IPv4 so both ends of a dual-stack
@@ -94,6 +96,8 @@ struct itap_flow {
     __u8 sampled;       /* 1 if this flow's messages are sampled */
     __u8 announced;     /* 1 once the FLOW_CGROUP record went out (on the first send) */
     __u8 seq_ok;        /* 1 if seq_last is valid (write_seq tracking on) */
+    __u8 accel;         /* 1: sends go straight to the peer socket (decided on the first send) */
+    __u8 pad2[7];
 };
 
 /* Set by userspace in slot 0 of the config array. */
@@ -102,6 +106,8 @@ struct itap_config {
     __u32 sample_one_in;   /* sample 1 in N flows; 0 = none, 1 = every flow */
     __u32 port_filter;     /* 1: only flows on a watched port; 0: every TCP flow */
     __u32 verdicts_active; /* number of verdict entries; 0 lets sk_msg skip the lookups */
+    __u32 accelerate;      /* 1: same-node acceleration (redirect to the peer socket) */
+    __u32 pad;
 };
 
 /* Header of every ring buffer record. A sample's payload (cap_len bytes) follows it; a flow

@@ -277,6 +277,16 @@ int itap_sockops(struct bpf_sock_ops *skops)
     return 1;
 }
 
+/* The other end's key of the same connection, as its own socket sees it. */
+static __always_inline void peer_key(const struct itap_flow_key *k, struct itap_flow_key *p)
+{
+    p->family = k->family;
+    p->local_port = k->remote_port;
+    p->remote_port = k->local_port;
+    __builtin_memcpy(p->local_ip, k->remote_ip, sizeof(p->local_ip));
+    __builtin_memcpy(p->remote_ip, k->local_ip, sizeof(p->remote_ip));
+}
+
 /* The server end of the flow: where a service verdict applies. */
 static __always_inline void service_of(struct itap_flow *flow, struct itap_service_key *svc)
 {
@@ -436,12 +446,24 @@ int itap_msg(struct sk_msg_md *msg)
         return SK_DROP;
     }
 
+    struct itap_flow_key peer = {};
     if (!flow->announced) {
         /* The cgroup is learnt on the first send, not at establishment: sock_ops runs in
          * softirq context where neither the socket's cgroup (bpf_sk_cgroup_id is not allowed
          * there) nor the current task's is meaningful. sendmsg runs in the sender's context. */
         flow->announced = 1;
         flow->cgroup_id = bpf_get_current_cgroup_id();
+        /* Same-node acceleration is decided once, here: only when the peer socket is ours
+         * before the first byte, so a direction's bytes never split between the TCP queue and
+         * the peer's ingress queue (which would reorder them). Redirected bytes never advance
+         * write_seq, so such a flow's offsets come from our own count. */
+        if (cfg->accelerate) {
+            peer_key(&key, &peer);
+            if (itap_flows.lookup(&peer)) {
+                flow->accel = 1;
+                flow->seq_ok = 0;
+            }
+        }
         emit_flow_record(ITAP_REC_FLOW_CGROUP, flow);
     }
 
@@ -453,5 +475,18 @@ int itap_msg(struct sk_msg_md *msg)
 
     if (flow->sampled && cfg->sample_bytes)
         take_sample(msg, flow, cfg, offset, size);
+
+    if (flow->accel) {
+        if (peer.family == 0)
+            peer_key(&key, &peer);
+        /* SK_PASS with a redirect set on success; on a miss (the peer closed) the helper says
+         * SK_DROP, and we send over TCP instead: the data path never fails for acceleration. */
+        int verdict = itap_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
+        if (verdict == SK_PASS) {
+            stat_add(ITAP_STAT_REDIRECTED, 1);
+            return SK_PASS;
+        }
+        stat_add(ITAP_STAT_REDIRECT_MISSED, 1);
+    }
     return SK_PASS;
 }

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
@@ -130,7 +131,7 @@ def echo_calls(primary: V2ServerHandle) -> list[Call]:
     client = thttp.InferenceServerClient(f"127.0.0.1:{proxy.port}")
     try:
         for i in range(30):
-            tensors = [
+            tensors: list[tuple[str, npt.NDArray[Any], str]] = [
                 ("fp32", np.array([1.5, -2.25, i], dtype=np.float32), "FP32"),
                 ("int64", np.array([i, 2**40], dtype=np.int64), "INT64"),
                 (

@@ -69,6 +69,7 @@ class FlowInfo:
     samples_lost: int = 0
     unseen_bytes: int = 0  # sent while the kernel skipped sk_msg (see bpf/infertap.h)
     stream_bytes: int = 0  # stream length so far: where the next message starts
+    accelerated: bool = False  # sends go straight to the peer socket (same-node acceleration)
 
     @property
     def service(self) -> Endpoint:

@@ -23,8 +23,8 @@ from infertap.agent.kernel import structs
 # struct itap_record
 RECORD = struct.Struct("<IIQQQIBBH")
 # struct itap_flow: 11 u64s, the key (u16 family, pad, lport, rport, 2 x 16 address bytes),
-# u32 seq_last, then role, sampled, announced, seq_ok.
-FLOW = struct.Struct("<11Q4H16s16sIBBBB")
+# u32 seq_last, then role, sampled, announced, seq_ok, accel and 7 pad bytes.
+FLOW = struct.Struct("<11Q4H16s16sIBBBBB7x")
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
@@ -73,6 +73,7 @@ def decode_flow(buf: bytes | memoryview, offset: int = 0) -> FlowInfo:
         sampled,
         _announced,
         _seq_ok,
+        accel,
     ) = FLOW.unpack_from(buf, offset)
     return FlowInfo(
         cookie=cookie,
@@ -89,6 +90,7 @@ def decode_flow(buf: bytes | memoryview, offset: int = 0) -> FlowInfo:
         samples_lost=samples_lost,
         unseen_bytes=unseen_bytes,
         stream_bytes=next_offset,
+        accelerated=bool(accel),
     )
 
 

@@ -49,6 +49,7 @@ class SensorOptions:
     ring_pages: int = 4096  # 16 MiB ring buffer
     max_flows: int = 65536
     run_dir: Path = Path("/run/infertap")
+    accelerate: bool = False  # same-node acceleration: redirect to intercepted peer sockets
     extra_cflags: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -146,6 +147,7 @@ class Sensor:
     def _configure(self) -> None:
         self.set_ports(self.options.ports)
         self.set_sampling(self.options.sample_bytes, self.options.sample_one_in)
+        self.set_accelerate(self.options.accelerate)
 
     def close(self) -> None:
         """Detach everything this sensor attached and release the maps. Safe to call twice."""
@@ -298,6 +300,11 @@ class Sensor:
         for name, value in fields.items():
             setattr(cfg, name, value)
         table[ct.c_uint32(0)] = cfg
+
+    def set_accelerate(self, on: bool) -> None:
+        """Same-node acceleration for flows whose first send comes after this (see intercept.c)."""
+        with self._lock:
+            self._update_config(accelerate=1 if on else 0)
 
     def set_verdicts_active(self, count: int) -> None:
         with self._lock:

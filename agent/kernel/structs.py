@@ -44,6 +44,8 @@ STAT_NAMES = (
     "untracked_msgs",
     "sockhash_failed",
     "bytes_unseen",
+    "redirected",
+    "redirect_missed",
 )
 
 
@@ -85,6 +87,8 @@ class Flow(ct.Structure):
         ("sampled", ct.c_uint8),
         ("announced", ct.c_uint8),
         ("seq_ok", ct.c_uint8),
+        ("accel", ct.c_uint8),
+        ("pad2", ct.c_uint8 * 7),
     )
 
 
@@ -94,6 +98,8 @@ class Config(ct.Structure):
         ("sample_one_in", ct.c_uint32),
         ("port_filter", ct.c_uint32),
         ("verdicts_active", ct.c_uint32),
+        ("accelerate", ct.c_uint32),
+        ("pad", ct.c_uint32),
     )
 
 

@@ -6,6 +6,7 @@
         connect, print "connected", then obey commands:
             send N SEED   send N bytes of payload(N, SEED) in one sendall: "ok N" or "err NAME"
             recv N        read exactly N bytes: "ok N" or "err NAME"
+            expect N SEED read N bytes and compare with payload(N, SEED): "ok N" or "err MISMATCH N"
             close         close the socket: "ok 0"
 
 The same `payload` function is used by tests to know exactly which bytes were sent.
@@ -75,6 +76,16 @@ def _client(host: str, port: int, nonblocking: bool) -> None:
                         raise ConnectionResetError(errno.ECONNRESET, "closed")
                     got += len(chunk)
                 print(f"ok {got}", flush=True)
+            elif cmd[0] == "expect":
+                expected = payload(int(cmd[1]), int(cmd[2]))
+                received = bytearray()
+                while len(received) < len(expected):
+                    chunk = sock.recv(min(1 << 20, len(expected) - len(received)))
+                    if not chunk:
+                        raise ConnectionResetError(errno.ECONNRESET, "closed")
+                    received += chunk
+                verdict = "ok" if bytes(received) == expected else "err MISMATCH"
+                print(verdict, len(expected), flush=True)
             elif cmd[0] == "close":
                 sock.close()
                 print("ok 0", flush=True)
