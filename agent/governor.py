@@ -91,6 +91,7 @@ class Governor:
             if not a.options.ports and a.options.policy is not None:
                 a.sensor.set_ports(sorted({s.port for s in policy.services}))
             a.sensor.set_sampling(policy.sampling.sample_bytes, policy.sampling.sample_one_in)
+            a.sensor.set_accelerate(a.options.accelerate or policy.acceleration.enabled)
         self.breaker.reconfigure(policy)
         self.policy = policy
         a.policy_hash = policy.hash

@@ -43,6 +43,9 @@ from infertap.agent.policy.schema import observe_only
 log = logging.getLogger(__name__)
 
 
+READ_INTERVAL_S = 0.02  # samples reach the pipeline within this, unless the ring fills first
+
+
 @dataclass
 class AgentOptions:
     cgroups: tuple[str, ...] = ()  # empty: node mode, the cgroup v2 root
@@ -267,7 +270,9 @@ class Agent:
         last_tick = time.monotonic()
         try:
             while not self._stop.is_set():
-                if reader.wait(0.2):
+                # The kernel never wakes us (bpf/intercept.c ITAP_SUBMIT_FLAGS): this timeout
+                # is how often samples are read.
+                if reader.wait(READ_INTERVAL_S):
                     reader.drain(self.pipeline.handle)
                 now = time.monotonic()
                 if now - last_tick >= 1.0:

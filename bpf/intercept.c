@@ -160,6 +160,12 @@ static __always_inline int read_write_seq(struct bpf_sock *sk, u32 *seq)
 #endif
 }
 
+/* Never wake the reader: a wakeup per message puts a context switch on the sender's path
+ * (measured: p50 latency 1.16x of no agent with per-message wakeups). The reader polls every 20 ms
+ * instead (agent/runtime.py READ_INTERVAL_S); at the highest rate measured here a 16 MiB ring
+ * takes far longer than that to fill, and a busy reader is not helped by wakeups anyway. */
+#define ITAP_SUBMIT_FLAGS BPF_RB_NO_WAKEUP
+
 static __always_inline void emit_flow_record(u32 kind, struct itap_flow *flow)
 {
     struct itap_flow_record *r = itap_events.ringbuf_reserve(sizeof(struct itap_flow_record));
@@ -177,7 +183,7 @@ static __always_inline void emit_flow_record(u32 kind, struct itap_flow *flow)
     r->rec.flags = 0;
     r->rec.pad = 0;
     __builtin_memcpy(&r->flow, flow, sizeof(*flow));
-    itap_events.ringbuf_submit(r, 0);
+    itap_events.ringbuf_submit(r, ITAP_SUBMIT_FLAGS);
 }
 
 static __always_inline void on_established(struct bpf_sock_ops *skops, u8 role)
@@ -349,7 +355,7 @@ static __always_inline int emit_sample(struct itap_flow *flow, void *data, u64 o
         itap_bound(n, ITAP_SAMPLE_SMALL);
         fill_sample(&s->rec, flow, offset, size, n, flags);
         bpf_probe_read_kernel(s->data, n, data);
-        itap_events.ringbuf_submit(s, 0);
+        itap_events.ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
         return 0;
     }
     if (cap <= ITAP_SAMPLE_MEDIUM) {
@@ -359,7 +365,7 @@ static __always_inline int emit_sample(struct itap_flow *flow, void *data, u64 o
         itap_bound(n, ITAP_SAMPLE_MEDIUM);
         fill_sample(&s->rec, flow, offset, size, n, flags);
         bpf_probe_read_kernel(s->data, n, data);
-        itap_events.ringbuf_submit(s, 0);
+        itap_events.ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
         return 0;
     }
     struct itap_sample_max *s = itap_events.ringbuf_reserve(sizeof(struct itap_sample_max));
@@ -368,7 +374,7 @@ static __always_inline int emit_sample(struct itap_flow *flow, void *data, u64 o
     itap_bound(n, ITAP_SAMPLE_MAX);
     fill_sample(&s->rec, flow, offset, size, n, flags);
     bpf_probe_read_kernel(s->data, n, data);
-    itap_events.ringbuf_submit(s, 0);
+    itap_events.ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
     return 0;
 }
 

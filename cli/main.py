@@ -106,6 +106,10 @@ def run(
         Path | None,
         typer.Option(help="Policy file (YAML), reloaded on change; none = observe only."),
     ] = None,
+    accelerate: Annotated[
+        bool,
+        typer.Option("--accelerate", help="Same-node acceleration (sk_msg redirect to the peer)."),
+    ] = False,
     kubernetes: Annotated[
         bool,
         typer.Option(
@@ -149,6 +153,7 @@ def run(
         policy=policy,
         kubernetes=kubernetes,
         node_name=os.environ.get("NODE_NAME", ""),
+        accelerate=accelerate,
     )
     if kubernetes and cgroup:
         raise UserError("--kubernetes finds the pods' cgroups itself: give no --cgroup")

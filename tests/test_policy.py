@@ -391,7 +391,7 @@ def test_error_names_line_and_field(text: str, needle: str, expected: str) -> No
             "version: 1\nmodel:\n  - name: a\n",
             "policy.yaml:2: model: unknown key (did you mean 'models'?); known: version,"
             " discovery, services, models, sampling, pii, drift, schema, actions, circuit, routes,"
-            " mirror",
+            " mirror, acceleration",
         ),
         (
             "version: 1\nservices:\n  - {name: a, port: 1, protocol: http}\n",
@@ -615,3 +615,14 @@ def test_a_failing_callback_does_not_break_the_watcher(tmp_path: Path) -> None:
     write(path, GOOD_2)
     assert w.check_now() is True
     assert [s.port for s in w.current.services] == [8000, 9000]
+
+
+def test_acceleration_is_off_unless_the_policy_turns_it_on(tmp_path: Path) -> None:
+    base = "version: 1\nservices:\n  - {name: a, port: 8000}\n"
+    off = load_policy_text(base)
+    on = load_policy_text(base + "acceleration: {enabled: true}\n")
+    assert off.acceleration.enabled is False and on.acceleration.enabled is True
+    assert off.hash == load_policy_text(base + "acceleration: {enabled: false}\n").hash
+    assert on.hash != off.hash
+    with pytest.raises(PolicyError, match=r"<policy>:4: acceleration.enabled"):
+        load_policy_text(base + "acceleration: {enabled: 3}\n")

@@ -32,6 +32,7 @@ from infertap.agent.policy.schema import (
     ACTIONS,
     KINDS,
     SCHEMA_VERSION,
+    AccelerationSpec,
     Action,
     ActionsSpec,
     CircuitSpec,
@@ -390,6 +391,11 @@ def _models(
     return tuple(sorted(models, key=lambda x: (x.name, x.version or "")))
 
 
+def _acceleration(r: _Reader, node: YNode, path: str) -> AccelerationSpec:
+    m = r.mapping(node, path, ("enabled",))
+    return AccelerationSpec(_field(r, m, path, "enabled", r.boolean, False))
+
+
 def _sampling(r: _Reader, node: YNode, path: str) -> SamplingSpec:
     m = r.mapping(node, path, ("sample_bytes", "sample_one_in"))
     d = SamplingSpec()
@@ -596,6 +602,7 @@ _TOP: Final = (
     "circuit",
     "routes",
     "mirror",
+    "acceleration",
 )
 
 
@@ -637,6 +644,9 @@ def load_policy_text(text: str, source: str = "<policy>", base_dir: Path | None 
         routes=section("routes", lambda n, p: _routes(r, n, p), ()),
         mirror=section(
             "mirror", lambda n, p: _mirror(r, n, p, base_dir or Path.cwd()), MirrorSpec()
+        ),
+        acceleration=section(
+            "acceleration", lambda n, p: _acceleration(r, n, p), AccelerationSpec()
         ),
         source=source,
     )

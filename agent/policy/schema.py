@@ -92,6 +92,13 @@ class SamplingSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class AccelerationSpec:
+    """Same-node acceleration: sk_msg sends straight to an intercepted peer socket."""
+
+    enabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class PiiSpec:
     enabled: bool = True
     types: tuple[str, ...] = BUILTIN_TYPES  # built-in types scanned
@@ -159,6 +166,7 @@ class Policy:
     circuit: CircuitSpec
     routes: tuple[Route, ...] = ()  # weighted routing at connect (agent/kernel/steering.py)
     mirror: MirrorSpec = field(default_factory=MirrorSpec)  # shadows and sink (agent/mirror)
+    acceleration: AccelerationSpec = field(default_factory=AccelerationSpec)
     source: str = field(default="<built-in>", compare=False)  # where it was loaded from
 
     @property
@@ -283,6 +291,8 @@ def to_document(policy: Policy) -> dict[str, Any]:
         **({"routes": [_route_doc(x) for x in policy.routes]} if policy.routes else {}),
         # Only when set: policies without mirroring keep the hash they had before it existed.
         **({"mirror": mirror_document(policy.mirror)} if policy.mirror.configured else {}),
+        # Only when on, so policies written before this section keep their hash.
+        **({"acceleration": {"enabled": True}} if policy.acceleration.enabled else {}),
     }
 
 
