@@ -36,6 +36,8 @@ import numpy.typing as npt
 from tritonclient.grpc import service_pb2
 
 from infertap.agent.flows.records import Endpoint
+from infertap.agent.models.common import add_error as _add_error
+from infertap.agent.models.common import read_rest_response
 from infertap.agent.models.events import InferenceEvent
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
@@ -527,10 +529,6 @@ def _fill_response(event: InferenceEvent, payload: V2Payload) -> None:
     event.output_datatypes = payload.datatypes
 
 
-def _add_error(event: InferenceEvent, text: str) -> None:
-    event.error = f"{event.error}; {text}" if event.error else text
-
-
 def decode_rest_exchange(exchange: HttpExchange, service: Endpoint) -> InferenceEvent:
     """An InferenceEvent from a V2 REST infer exchange (the path must be an infer path)."""
     req = exchange.request
@@ -549,21 +547,16 @@ def decode_rest_exchange(exchange: HttpExchange, service: Endpoint) -> Inference
                 _add_error(event, "request: " + ", ".join(payload.problems))
         except V2DecodeError as exc:
             _add_error(event, f"request: {exc}")
-    resp = exchange.response
-    if resp is not None:
-        event.status = "ok" if resp.status == 200 else str(resp.status)
-        if resp.body_truncated:
-            event.response_truncated = True
-        elif resp.body:
-            try:
-                rpayload = decode_rest_response(resp.body, resp.header(HEADER_LENGTH))
-                _fill_response(event, rpayload)
-                if rpayload.error:
-                    _add_error(event, rpayload.error)
-                if rpayload.problems:
-                    _add_error(event, "response: " + ", ".join(rpayload.problems))
-            except V2DecodeError as exc:
-                _add_error(event, f"response: {exc}")
+
+    def decode_body(resp: HttpMessage) -> None:
+        rpayload = decode_rest_response(resp.body, resp.header(HEADER_LENGTH))
+        _fill_response(event, rpayload)
+        if rpayload.error:
+            _add_error(event, rpayload.error)
+        if rpayload.problems:
+            _add_error(event, "response: " + ", ".join(rpayload.problems))
+
+    read_rest_response(event, exchange.response, decode_body, (V2DecodeError,))
     return event
 
 

@@ -18,6 +18,8 @@ import numpy as np
 import numpy.typing as npt
 
 from infertap.agent.flows.records import Endpoint
+from infertap.agent.models.common import add_error as _add_error
+from infertap.agent.models.common import read_rest_response
 from infertap.agent.models.events import InferenceEvent
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
@@ -160,10 +162,6 @@ def _error_text(err: Any) -> str:
     return str(err)
 
 
-def _add_error(event: InferenceEvent, text: str) -> None:
-    event.error = f"{event.error}; {text}" if event.error else text
-
-
 def _decode_response(event: InferenceEvent, resp: HttpMessage) -> None:
     texts: dict[int, list[str]] = {}
     if _is_sse(resp):
@@ -230,14 +228,7 @@ def decode_exchange(exchange: HttpExchange, service: Endpoint) -> InferenceEvent
                 event.parameters["prompt_token_ids"] = True  # tokens, not text
         except OpenAIDecodeError as exc:
             _add_error(event, f"request: {exc}")
-    resp = exchange.response
-    if resp is not None:
-        event.status = "ok" if resp.status == 200 else str(resp.status)
-        if resp.body_truncated:
-            event.response_truncated = True
-        elif resp.body:
-            try:
-                _decode_response(event, resp)
-            except OpenAIDecodeError as exc:
-                _add_error(event, f"response: {exc}")
+    read_rest_response(
+        event, exchange.response, lambda resp: _decode_response(event, resp), (OpenAIDecodeError,)
+    )
     return event

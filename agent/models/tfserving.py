@@ -26,8 +26,10 @@ import numpy as np
 import numpy.typing as npt
 
 from infertap.agent.flows.records import Endpoint
+from infertap.agent.models.common import add_error as _add_error
+from infertap.agent.models.common import read_rest_response
 from infertap.agent.models.events import InferenceEvent
-from infertap.agent.protocols.messages import HttpExchange
+from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
 PROTOCOL = "tfserving-rest"
 
@@ -178,10 +180,6 @@ def _decode_tensors(
     return tensors, datatypes, texts, problems
 
 
-def _add_error(event: InferenceEvent, text: str) -> None:
-    event.error = f"{event.error}; {text}" if event.error else text
-
-
 def decode_exchange(exchange: HttpExchange, service: Endpoint) -> InferenceEvent:
     """An InferenceEvent from a TF Serving predict exchange."""
     req = exchange.request
@@ -211,27 +209,22 @@ def decode_exchange(exchange: HttpExchange, service: Endpoint) -> InferenceEvent
                 _add_error(event, "request: " + ", ".join(problems))
         except TfDecodeError as exc:
             _add_error(event, f"request: {exc}")
-    resp = exchange.response
-    if resp is not None:
-        event.status = "ok" if resp.status == 200 else str(resp.status)
-        if resp.body_truncated:
-            event.response_truncated = True
-        elif resp.body:
-            try:
-                rdoc = loads_lenient(resp.body)
-                if not isinstance(rdoc, dict):
-                    raise TfDecodeError("body is not a JSON object")
-                if "error" in rdoc:
-                    _add_error(event, str(rdoc["error"]))
-                if "predictions" in rdoc:
-                    t, d, _, problems = _decode_tensors(rdoc["predictions"], "predictions", True)
-                elif "outputs" in rdoc:
-                    t, d, _, problems = _decode_tensors(rdoc["outputs"], "outputs", False)
-                else:
-                    t, d, problems = {}, {}, []
-                event.outputs, event.output_datatypes = t, d
-                if problems:
-                    _add_error(event, "response: " + ", ".join(problems))
-            except TfDecodeError as exc:
-                _add_error(event, f"response: {exc}")
+
+    def decode_body(resp: HttpMessage) -> None:
+        rdoc = loads_lenient(resp.body)
+        if not isinstance(rdoc, dict):
+            raise TfDecodeError("body is not a JSON object")
+        if "error" in rdoc:
+            _add_error(event, str(rdoc["error"]))
+        if "predictions" in rdoc:
+            t, d, _, problems = _decode_tensors(rdoc["predictions"], "predictions", True)
+        elif "outputs" in rdoc:
+            t, d, _, problems = _decode_tensors(rdoc["outputs"], "outputs", False)
+        else:
+            t, d, problems = {}, {}, []
+        event.outputs, event.output_datatypes = t, d
+        if problems:
+            _add_error(event, "response: " + ", ".join(problems))
+
+    read_rest_response(event, exchange.response, decode_body, (TfDecodeError,))
     return event

@@ -1,0 +1,35 @@
+"""What every model adapter does the same way: collecting errors, and reading an HTTP response
+(status, truncation, then a protocol-specific body decoder)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from infertap.agent.models.events import InferenceEvent
+from infertap.agent.protocols.messages import HttpMessage
+
+
+def add_error(event: InferenceEvent, text: str) -> None:
+    event.error = f"{event.error}; {text}" if event.error else text
+
+
+def read_rest_response(
+    event: InferenceEvent,
+    resp: HttpMessage | None,
+    decode_body: Callable[[HttpMessage], None],
+    decode_errors: tuple[type[Exception], ...],
+) -> None:
+    """Status and outputs from a REST response. A truncated body is flagged, never decoded; a
+    body the decoder rejects becomes an error on the event, never an exception."""
+    if resp is None:
+        return
+    event.status = "ok" if resp.status == 200 else str(resp.status)
+    if resp.body_truncated:
+        event.response_truncated = True
+        return
+    if not resp.body:
+        return
+    try:
+        decode_body(resp)
+    except decode_errors as exc:
+        add_error(event, f"response: {exc}")
