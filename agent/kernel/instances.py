@@ -51,9 +51,13 @@ class InstanceRegistry:
     def own_prog_ids(self) -> list[int]:
         return list(self._ids)
 
-    def live_prog_ids(self) -> set[int]:
-        """Program ids of other agents that are alive now (their lock is held)."""
-        ids: set[int] = set()
+    def _others(self) -> list[tuple[Path, bool]]:
+        """Other instances' files, each with whether its owner is alive (holds the lock).
+
+        The check takes the lock exclusively when it is free and keeps it only for the dead
+        one's file removal in remove_dead; the kernel drops a dead owner's lock, SIGKILL or not.
+        """
+        out = []
         for path in self._files():
             if path == self._own:
                 continue
@@ -62,14 +66,21 @@ class InstanceRegistry:
             except FileNotFoundError:
                 continue
             try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    ids.update(self._read_ids(path))
-                    continue
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                alive = False
+            except BlockingIOError:
+                alive = True
             finally:
-                os.close(fd)
+                os.close(fd)  # releases our lock, if we took it
+            out.append((path, alive))
+        return out
+
+    def live_prog_ids(self) -> set[int]:
+        """Program ids of other agents that are alive now (their lock is held)."""
+        ids: set[int] = set()
+        for path, alive in self._others():
+            if alive:
+                ids.update(self._read_ids(path))
         return ids
 
     @staticmethod
@@ -85,23 +96,10 @@ class InstanceRegistry:
 
     def remove_dead(self) -> int:
         """Delete the files of instances that are gone. Returns how many."""
-        removed = 0
-        for path in self._files():
-            if path == self._own:
-                continue
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
+        dead = [path for path, alive in self._others() if not alive]
+        for path in dead:
             path.unlink(missing_ok=True)
-            os.close(fd)
-            removed += 1
-        return removed
+        return len(dead)
 
     def unregister(self, prog_ids: list[int] | None = None) -> None:
         """Forget some program ids (a unit closed), or all; the file goes with the last id."""
