@@ -137,7 +137,8 @@ struct itap_record {
 #define ITAP_STEER_STAT_NO_STORAGE 2   /* route matched, original dst not storable: left alone */
 #define ITAP_STEER_STAT_BAD_ROUTE 3    /* route matched but malformed: left alone */
 #define ITAP_STEER_STAT_ORIG_DST 4     /* SO_ORIGINAL_DST answered from socket storage */
-#define ITAP_STEER_STAT_COUNT 5
+#define ITAP_STEER_STAT_POLYFILLED 5   /* connects sent to a request-polyfill rewriter */
+#define ITAP_STEER_STAT_COUNT 6
 
 struct itap_steer_backend {
     __u32 ip[4];      /* network order, IPv4 in ip[0] */
@@ -154,6 +155,25 @@ struct itap_steer_route {
     __u32 total_weight; /* backends[n_backends - 1].weight_end */
     __u32 pad;
     struct itap_steer_backend backends[ITAP_STEER_MAX_BACKENDS];
+};
+
+/* ---- Request polyfill (bpf/steer.c): a client's connections to a service go to a rewriter ------
+ *
+ * Keyed by the connecting process's cgroup (bpf_get_current_cgroup_id()) and the service, so only
+ * the clients a rule names are steered, and the rewriter (in the agent's cgroup) is never steered
+ * by its own rule. Checked before the weighted routes. IPv4 services only (the rewriter listens
+ * on 127.0.0.1 in the client's network namespace). */
+struct itap_polyfill_key {
+    __u64 cgroup_id;
+    struct itap_service_key svc;
+    __u32 pad;
+};
+
+struct itap_polyfill_target {
+    __u32 ip;       /* network order: 127.0.0.1 */
+    __u16 port;     /* host order */
+    __u16 up;       /* 1 while the rewriter listens; 0 = leave connects alone (fail open) */
+    __u64 connects; /* connects steered to the rewriter by this entry */
 };
 
 #endif /* INFERTAP_H */

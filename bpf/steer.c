@@ -7,6 +7,11 @@
  * itap_getsockopt answers getsockopt(SO_ORIGINAL_DST) with it, as transparent proxies expect
  * after an iptables REDIRECT.
  *
+ * Request polyfill comes first: itap_polyfill, keyed by the connecting process's cgroup and the
+ * service, sends the named client's connects to a rewriter on 127.0.0.1 in its network namespace
+ * (agent/polyfill), only while the agent has marked that rewriter up. The original destination is
+ * recorded the same way, so SO_ORIGINAL_DST answers the service.
+ *
  * Rules of this file: the data path fails open. A miss, a malformed route or a failure to record
  * the original destination leaves the connect exactly as the application asked for it.
  *
@@ -18,6 +23,9 @@
 
 #ifndef ITAP_STEER_MAX_ROUTES
 #define ITAP_STEER_MAX_ROUTES 256
+#endif
+#ifndef ITAP_POLYFILL_MAX
+#define ITAP_POLYFILL_MAX 256
 #endif
 #ifndef ITAP_STEER_MAX_SLOTS
 #define ITAP_STEER_MAX_SLOTS (2 * ITAP_STEER_MAX_ROUTES) /* see Steering.max_slots */
@@ -38,6 +46,8 @@ BPF_PERCPU_ARRAY(itap_steer_counts, u64, ITAP_STEER_MAX_SLOTS * ITAP_STEER_MAX_B
 BPF_PERCPU_ARRAY(itap_steer_stats, u64, ITAP_STEER_STAT_COUNT);
 /* The original destination of a rewritten socket. Freed by the kernel with the socket. */
 BPF_SK_STORAGE(itap_orig_dst, struct itap_service_key);
+/* Request polyfill: (client cgroup, service) -> the rewriter in the client's network namespace. */
+BPF_HASH(itap_polyfill, struct itap_polyfill_key, struct itap_polyfill_target, ITAP_POLYFILL_MAX);
 
 static __always_inline void steer_stat(u32 idx)
 {
@@ -98,6 +108,32 @@ static __always_inline struct itap_steer_backend *steer(struct bpf_sock_addr *ct
     return &r->backends[i];
 }
 
+/* A polyfill rule for this client and service whose rewriter is up: record the original
+ * destination (so SO_ORIGINAL_DST answers the service, as for a route) and return the rewriter
+ * to connect to, or NULL to go on with the weighted routes. */
+static __always_inline struct itap_polyfill_target *polyfill(struct bpf_sock_addr *ctx,
+                                                             struct itap_service_key *svc)
+{
+    if (svc->family != ITAP_AF_INET)
+        return NULL;
+    struct itap_polyfill_key key = {};
+    key.cgroup_id = bpf_get_current_cgroup_id();
+    key.svc = *svc;
+    struct itap_polyfill_target *t = itap_polyfill.lookup(&key);
+    if (!t || t->up != 1)
+        return NULL; /* no rule, or the rewriter is down: the kernel path, untouched */
+    struct itap_service_key *orig =
+        itap_orig_dst.sk_storage_get(ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!orig) {
+        steer_stat(ITAP_STEER_STAT_NO_STORAGE);
+        return NULL;
+    }
+    *orig = *svc;
+    __sync_fetch_and_add(&t->connects, 1);
+    steer_stat(ITAP_STEER_STAT_POLYFILLED);
+    return t;
+}
+
 static __always_inline int is_tcp(struct bpf_sock_addr *ctx)
 {
     return ctx->type == ITAP_SOCK_STREAM && ctx->protocol == ITAP_IPPROTO_TCP;
@@ -112,6 +148,12 @@ int itap_connect4(struct bpf_sock_addr *ctx)
     svc.family = ITAP_AF_INET;
     svc.port = bpf_ntohs((u16)ctx->user_port);
     svc.ip[0] = ctx->user_ip4;
+    struct itap_polyfill_target *p = polyfill(ctx, &svc);
+    if (p) {
+        ctx->user_ip4 = p->ip;
+        ctx->user_port = bpf_htons(p->port);
+        return 1;
+    }
     struct itap_steer_backend *b = steer(ctx, &svc);
     if (b) {
         ctx->user_ip4 = b->ip[0];
@@ -141,6 +183,15 @@ int itap_connect6(struct bpf_sock_addr *ctx)
         svc.ip[1] = ip1;
         svc.ip[2] = ip2;
         svc.ip[3] = ip3;
+    }
+    if (mapped) {
+        /* The rewriter listens on IPv4 loopback: reached as ::ffff:127.0.0.1. */
+        struct itap_polyfill_target *p = polyfill(ctx, &svc);
+        if (p) {
+            ctx->user_ip6[3] = p->ip;
+            ctx->user_port = bpf_htons(p->port);
+            return 1;
+        }
     }
     struct itap_steer_backend *b = steer(ctx, &svc);
     if (!b)

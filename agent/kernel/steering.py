@@ -23,8 +23,10 @@ import ctypes as ct
 import ipaddress
 import logging
 import os
+import socket
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,13 @@ def _route_value(route: Route, slot: int) -> structs.SteerRoute:
     return value
 
 
+def _polyfill_key(cgroup_id: int, service: Endpoint) -> structs.PolyfillKey:
+    key = structs.PolyfillKey()
+    key.cgroup_id = cgroup_id
+    key.svc = decode.service_key(service)
+    return key
+
+
 def _require_privileges() -> None:
     if os.geteuid() != 0:
         raise SteeringError("steering needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")
@@ -143,6 +152,8 @@ class Steering:
         self._lock = threading.Lock()
         # Routes in the kernel, by service: the route and its counter slot.
         self._routes: dict[Endpoint, tuple[Route, int]] = {}
+        # Polyfill steers in the kernel: (client cgroup id, service) -> rewriter port.
+        self._polyfill: dict[tuple[int, Endpoint], int] = {}
         self.compile_seconds = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -198,6 +209,7 @@ class Steering:
             self._registry.unregister(self._prog_ids)
             self._prog_ids = []
         self._routes = {}
+        self._polyfill = {}
 
     def __enter__(self) -> Steering:
         self.start()
@@ -316,6 +328,47 @@ class Steering:
                 del routes_map[decode.service_key(service)]
             self._routes = new_state
         log.info("steering: %d route(s) in force", len(new_state))
+
+    # ---- request polyfill ------------------------------------------------------------------
+
+    def set_polyfill(self, targets: Mapping[tuple[int, Endpoint], int]) -> None:
+        """Make `targets` the polyfill steers: (client cgroup id, IPv4 service) -> the port of a
+        rewriter listening on 127.0.0.1 in that client's network namespace. Checked before the
+        routes. Entries are written `up`; an entry not in `targets` is deleted, so a client
+        whose rewriter is gone connects to the service directly again."""
+        problems: list[str] = []
+        for (_cg, service), port in targets.items():
+            if decode.ip_raw(service.ip)[0] != socket.AF_INET:
+                problems.append(f"polyfill {service}: only IPv4 services can be polyfilled")
+            if not 1 <= port <= 65535:
+                problems.append(f"polyfill {service}: rewriter port {port} is out of range")
+        if problems:
+            raise SteeringError("; ".join(problems))
+        with self._lock:
+            table = self._table("itap_polyfill", structs.PolyfillKey, structs.PolyfillTarget)
+            for (cg, svc), port in targets.items():
+                if self._polyfill.get((cg, svc)) == port:
+                    continue  # unchanged: keep its counter
+                value = structs.PolyfillTarget()
+                value.ip = int.from_bytes(socket.inet_aton("127.0.0.1"), "little")
+                value.port = port
+                value.up = 1
+                table[_polyfill_key(cg, svc)] = value
+            for cg, svc in self._polyfill.keys() - targets.keys():
+                del table[_polyfill_key(cg, svc)]
+            self._polyfill = dict(targets)
+
+    def polyfill_counts(self) -> dict[tuple[int, Endpoint], int]:
+        """Connects steered to a rewriter, by (client cgroup id, service), since its entry."""
+        with self._lock:
+            table = self._table("itap_polyfill", structs.PolyfillKey, structs.PolyfillTarget)
+            out: dict[tuple[int, Endpoint], int] = {}
+            for cg, svc in self._polyfill:
+                try:
+                    out[(cg, svc)] = int(table[_polyfill_key(cg, svc)].connects)
+                except KeyError:
+                    out[(cg, svc)] = 0
+            return out
 
     def routes(self) -> list[Route]:
         return [route for route, _ in self._routes.values()]

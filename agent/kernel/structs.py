@@ -107,7 +107,7 @@ class Config(ct.Structure):
 STEER_MAX_BACKENDS = 8
 
 # Index -> name of the steering per-CPU stats array (ITAP_STEER_STAT_* in the header, in order).
-STEER_STAT_NAMES = ("connects", "rewritten", "no_storage", "bad_route", "orig_dst")
+STEER_STAT_NAMES = ("connects", "rewritten", "no_storage", "bad_route", "orig_dst", "polyfilled")
 
 
 class SteerBackend(ct.Structure):
@@ -126,6 +126,23 @@ class SteerRoute(ct.Structure):
         ("total_weight", ct.c_uint32),
         ("pad", ct.c_uint32),
         ("backends", SteerBackend * STEER_MAX_BACKENDS),
+    )
+
+
+class PolyfillKey(ct.Structure):
+    _fields_ = (
+        ("cgroup_id", ct.c_uint64),
+        ("svc", ServiceKey),
+        ("pad", ct.c_uint32),
+    )
+
+
+class PolyfillTarget(ct.Structure):
+    _fields_ = (
+        ("ip", ct.c_uint32),
+        ("port", ct.c_uint16),
+        ("up", ct.c_uint16),
+        ("connects", ct.c_uint64),
     )
 
 
@@ -152,4 +169,6 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "itap_record": Record,
     "itap_steer_backend": SteerBackend,
     "itap_steer_route": SteerRoute,
+    "itap_polyfill_key": PolyfillKey,
+    "itap_polyfill_target": PolyfillTarget,
 }
