@@ -41,6 +41,7 @@ from infertap.agent.policy.schema import (
     ModelSpec,
     PiiSpec,
     Policy,
+    PolyfillSpec,
     SamplingSpec,
     SchemaSpec,
     ServiceSpec,
@@ -587,6 +588,68 @@ def _routes(r: _Reader, node: YNode, path: str) -> tuple[Route, ...]:
     return tuple(sorted(routes, key=lambda x: (x.service.ip, x.service.port)))
 
 
+def _version(r: _Reader, node: YNode, path: str) -> str | None:
+    # `version: 2` is read by YAML as an int; a model version is a string in KServe V2 paths.
+    if (
+        isinstance(node, YScalar)
+        and isinstance(node.value, int)
+        and not isinstance(node.value, bool)
+    ):
+        return str(node.value)
+    return r.string(node, path)
+
+
+def _polyfill(r: _Reader, node: YNode, path: str) -> tuple[PolyfillSpec, ...]:
+    """Request polyfill rules: client pod (namespace/name), IPv4 service ip:port, model,
+    optional version, and set_parameters (a non-empty mapping of names to scalars)."""
+    specs: list[PolyfillSpec] = []
+    seen: dict[tuple[str, Endpoint, str, str | None], int] = {}
+    known = ("client", "service", "model", "version", "set_parameters")
+    for i, item in enumerate(r.sequence(node, path)):
+        ipath = f"{path}[{i}]"
+        m = r.mapping(item, ipath, known)
+        if m is None:
+            continue
+        errors_before = len(r.errors)
+        client = _required(r, m, ipath, "client", r.string)
+        if client is not None and client.count("/") != 1:
+            r.error(m.items["client"].line, _join(ipath, "client"), "must be namespace/name")
+        service = _required(r, m, ipath, "service", lambda n, p: _endpoint(r, n, p))
+        if service is not None and ":" in service.ip:
+            r.error(m.items["service"].line, _join(ipath, "service"), "must be an IPv4 ip:port")
+        model = _required(r, m, ipath, "model", r.string)
+        version = _field(r, m, ipath, "version", lambda n, p: _version(r, n, p), None)
+        params: list[tuple[str, str | int | float | bool]] = []
+        ppath = _join(ipath, "set_parameters")
+        pnode = m.items.get("set_parameters")
+        if pnode is None:
+            r.error(m.line, ppath, "required")
+        elif not isinstance(pnode, YMap) or not pnode.items:
+            r.error(pnode.line, ppath, "must be a non-empty mapping of parameter names to values")
+        else:
+            for name, value in pnode.items.items():
+                v = value.value if isinstance(value, YScalar) else None
+                if isinstance(v, str | int | float | bool) and not (
+                    isinstance(v, float) and not math.isfinite(v)
+                ):
+                    params.append((str(name), v))
+                else:
+                    r.error(value.line, _join(ppath, str(name)), "must be a string, number or bool")
+        if client is None or service is None or model is None or len(r.errors) != errors_before:
+            continue
+        key = (client, service, model, version)
+        if key in seen:
+            r.error(m.line, ipath, f"duplicate of {path}[{seen[key]}]")
+            continue
+        seen[key] = i
+        specs.append(PolyfillSpec(client, service, model, version, tuple(sorted(params))))
+    return tuple(
+        sorted(
+            specs, key=lambda s: (s.client, s.service.ip, s.service.port, s.model, s.version or "")
+        )
+    )
+
+
 # --- entry points ------------------------------------------------------------------------------
 
 _TOP: Final = (
@@ -603,6 +666,7 @@ _TOP: Final = (
     "routes",
     "mirror",
     "acceleration",
+    "polyfill",
 )
 
 
@@ -648,6 +712,7 @@ def load_policy_text(text: str, source: str = "<policy>", base_dir: Path | None 
         acceleration=section(
             "acceleration", lambda n, p: _acceleration(r, n, p), AccelerationSpec()
         ),
+        polyfill=section("polyfill", lambda n, p: _polyfill(r, n, p), ()),
         source=source,
     )
     if r.errors:

@@ -153,6 +153,18 @@ class Discovery:
 
 
 @dataclass(frozen=True, slots=True)
+class PolyfillSpec:
+    """Request polyfill (agent/polyfill): `client`'s KServe V2 requests to `service` for `model`
+    (and `version`, when given) get the parameters of `set_parameters` they lack."""
+
+    client: str  # the client pod, namespace/name
+    service: Endpoint  # IPv4 ip:port
+    model: str
+    version: str | None
+    set_parameters: tuple[tuple[str, str | int | float | bool], ...]  # sorted by name
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     version: int
     discovery: Discovery
@@ -167,6 +179,7 @@ class Policy:
     routes: tuple[Route, ...] = ()  # weighted routing at connect (agent/kernel/steering.py)
     mirror: MirrorSpec = field(default_factory=MirrorSpec)  # shadows and sink (agent/mirror)
     acceleration: AccelerationSpec = field(default_factory=AccelerationSpec)
+    polyfill: tuple[PolyfillSpec, ...] = ()  # request polyfill rules (agent/polyfill)
     source: str = field(default="<built-in>", compare=False)  # where it was loaded from
 
     @property
@@ -237,6 +250,16 @@ def _route_doc(route: Route) -> dict[str, Any]:
     }
 
 
+def _polyfill_doc(spec: PolyfillSpec) -> dict[str, Any]:
+    return {
+        "client": spec.client,
+        "service": str(spec.service),
+        "model": spec.model,
+        **({"version": spec.version} if spec.version is not None else {}),
+        "set_parameters": dict(spec.set_parameters),
+    }
+
+
 def to_document(policy: Policy) -> dict[str, Any]:
     """The normalized policy as plain data: valid policy YAML, every setting explicit."""
     discovery: dict[str, Any] = {}
@@ -293,6 +316,8 @@ def to_document(policy: Policy) -> dict[str, Any]:
         **({"mirror": mirror_document(policy.mirror)} if policy.mirror.configured else {}),
         # Only when on, so policies written before this section keep their hash.
         **({"acceleration": {"enabled": True}} if policy.acceleration.enabled else {}),
+        # Only when set, so policies written before this section keep their hash.
+        **({"polyfill": [_polyfill_doc(x) for x in policy.polyfill]} if policy.polyfill else {}),
     }
 
 
