@@ -5,6 +5,7 @@ reloads that never replace a good policy with a bad one."""
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -16,11 +17,13 @@ from infertap.agent.flows.records import Endpoint
 from infertap.agent.inspect.baseline import Baseline, BaselineError
 from infertap.agent.inspect.engine import InspectionConfig, ModelInspection
 from infertap.agent.inspect.findings import Finding
+from infertap.agent.kernel import cgroups
 from infertap.agent.kernel.steering import SteeringError
 from infertap.agent.models.events import InferenceEvent
 from infertap.agent.policy.loader import PolicyError
 from infertap.agent.policy.schema import Policy
 from infertap.agent.policy.watcher import PolicyWatcher
+from infertap.agent.polyfill.unit import ClientPod, PolyfillRule
 
 if TYPE_CHECKING:
     from infertap.agent.runtime import Agent
@@ -66,6 +69,17 @@ def inspection_config(policy: Policy) -> InspectionConfig:
     )
 
 
+def _pids(cgroup: Path) -> list[int]:
+    """Processes in a cgroup and its children."""
+    pids: list[int] = []
+    for folder in cgroups.walk(cgroup):
+        try:
+            pids += [int(p) for p in (folder / "cgroup.procs").read_text().split()]
+        except OSError:
+            continue
+    return pids
+
+
 class Governor:
     def __init__(self, agent: Agent, policy: Policy) -> None:
         self.agent = agent
@@ -73,6 +87,7 @@ class Governor:
         self.breaker = CircuitBreaker.from_policy(policy, _KernelPort(agent))
         self._watcher: PolicyWatcher | None = None
         self._stop = threading.Event()
+        self._netns_names: set[str] = set()
         self._ticker: threading.Thread | None = None
 
     # ---- policy ----
@@ -92,10 +107,72 @@ class Governor:
                 a.sensor.set_ports(sorted({s.port for s in policy.services}))
             a.sensor.set_sampling(policy.sampling.sample_bytes, policy.sampling.sample_one_in)
             a.sensor.set_accelerate(a.options.accelerate or policy.acceleration.enabled)
+            self._apply_polyfill(policy)  # rules whose client is not found yet are skipped
         self.breaker.reconfigure(policy)
         self.policy = policy
         a.policy_hash = policy.hash
         log.info("policy %s in force (%s)", policy.hash, policy.source)
+
+    def _apply_polyfill(self, policy: Policy) -> None:
+        unit = self.agent.polyfill
+        if unit is None:
+            if policy.polyfill:
+                log.warning(
+                    "policy %s has polyfill rules, but polyfill is not loaded (it loads"
+                    " only when the starting policy has some): restart to apply them",
+                    policy.hash,
+                )
+            return
+        rules = []
+        for spec in policy.polyfill:
+            client = self._client_pod(spec.client)
+            if client is None:
+                log.warning(
+                    "polyfill: client %s has no cgroup or no process yet; rule skipped", spec.client
+                )
+                continue
+            rules.append(
+                PolyfillRule(
+                    client, spec.service, spec.model, spec.version, dict(spec.set_parameters)
+                )
+            )
+        unit.set_rules(rules)
+
+    def _client_pod(self, client: str) -> ClientPod | None:
+        """A rule's client as the rewriter needs it: its cgroup, and a name for its network
+        namespace (attached from a process in the pod, as a pod's pause process would be)."""
+        mount = self.agent.sensor.mount
+        if client.startswith("/"):
+            try:
+                cgroup: Path | None = cgroups.resolve(client, mount)
+            except cgroups.CgroupError:
+                return None
+        else:
+            namespace, name = client.split("/", 1)
+            cgroup = self.agent.pods.cgroup_of(namespace, name)
+        if cgroup is None:
+            return None
+        pid = next(iter(_pids(cgroup)), None)
+        if pid is None:
+            return None
+        netns = f"infertap-pf-{cgroups.cgroup_id(cgroup)}"
+        if not (Path("/run/netns") / netns).exists():
+            done = subprocess.run(
+                ["ip", "netns", "attach", netns, str(pid)], capture_output=True, text=True
+            )
+            if done.returncode != 0:
+                log.warning(
+                    "polyfill: cannot name the netns of %s: %s", client, done.stderr.strip()
+                )
+                return None
+            self._netns_names.add(netns)
+        return ClientPod(cgroup, netns)
+
+    def release_netns(self) -> None:
+        """Remove the names we gave pods' network namespaces (the namespaces stay with the pods)."""
+        for name in sorted(self._netns_names):
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+        self._netns_names.clear()
 
     def _apply_routes(self, policy: Policy) -> None:
         steering = self.agent.steering

@@ -39,6 +39,14 @@ class PodDirectory:
         except ValueError:
             return str(path)
 
+    def cgroup_of(self, namespace: str, pod: str) -> Path | None:
+        """The cgroup discovery registered for a pod, or None."""
+        with self._lock:
+            for rel, labels in self._names.items():
+                if labels == (namespace, pod):
+                    return self._mount / rel.lstrip("/")
+        return None
+
     def path_of(self, cgroup_id: int) -> str:
         with self._lock:
             path = self._paths.get(cgroup_id)

@@ -39,6 +39,7 @@ from infertap.agent.pipeline import Pipeline
 from infertap.agent.pods import PodDirectory
 from infertap.agent.policy.loader import default_policy, load_policy
 from infertap.agent.policy.schema import observe_only
+from infertap.agent.polyfill.unit import Polyfill
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,11 @@ class Agent:
         # Loaded only when the starting policy routes something: its getsockopt program runs
         # on every getsockopt in the pods. Routes added by a later reload need a restart.
         self.steering: Steering | None = None
-        if self.governor.policy.routes:
+        self.polyfill: Polyfill | None = None
+        if self.governor.policy.routes or self.governor.policy.polyfill:
             self.steering = Steering(options.run_dir, cgroup_mount=self.sensor.mount)
+        if self.steering is not None and self.governor.policy.polyfill:
+            self.polyfill = Polyfill(self.steering)
         self.ready = False
         self.started_at = time.time()
         self._stop = threading.Event()
@@ -252,6 +256,9 @@ class Agent:
         if self.metrics is not None:
             self.metrics.stop()
             self.metrics = None
+        if self.polyfill is not None:
+            self.polyfill.stop()  # its rewriters and map entries, before the maps go
+        self.governor.release_netns()
         if self.steering is not None:
             self.steering.close()
         self.sensor.close()

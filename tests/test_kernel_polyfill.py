@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -280,3 +282,55 @@ def test_stop_removes_entries_and_processes(setup: Setup, steering: Steering) ->
     p.stop()
     assert proc.poll() is not None
     assert steering.polyfill_counts() == {}
+
+
+AGENT_POLICY = """\
+version: 1
+services:
+  - {{name: model, port: {port}}}
+polyfill:
+  - client: {client}
+    service: {service}
+    model: fraud
+    set_parameters: {{threshold: 0.5}}
+"""
+
+
+def test_agent_applies_polyfill_from_its_policy(lab: Any, tmp_path: Path) -> None:
+    """The whole path: a policy rule, the agent steering only that pod's connections through a
+    rewriter, and the server receiving the parameter."""
+    from infertap.agent.kernel.cgroups import cgroup2_mount
+    from infertap.agent.runtime import Agent, AgentOptions
+
+    client, server = lab.add_pod("pfa-client"), lab.add_pod("pfa-server")
+    recorder = server.popen(
+        [sys.executable, "-c", RECORDER, str(PORT)], stdout=subprocess.PIPE, text=True
+    )
+    assert recorder.stdout is not None and recorder.stdout.readline().strip() == "ready"
+    client.popen(["sleep", "300"])  # the pod's long-lived process, as a pause container is
+    rel = "/" + str(client.cgroup.relative_to(cgroup2_mount()))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(AGENT_POLICY.format(port=PORT, client=rel, service=f"{server.ip}:{PORT}"))
+    agent = Agent(
+        AgentOptions(
+            cgroups=(str(client.cgroup), str(server.cgroup)),
+            policy=policy,
+            metrics_addr=None,
+            api_addr=None,
+        )
+    )
+    agent.start()
+    try:
+        spec = json.dumps({"requests": [request("/v2/models/fraud/infer", INPUT)], "repeat": 0})
+        done = client.run(
+            [sys.executable, "-c", CLIENT, server.ip, str(PORT), spec],
+            timeout=120,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        got = json.loads(done.stdout)["got"][0]
+        assert json.loads(body_of(got))["parameters"] == {"threshold": 0.5}
+    finally:
+        agent.stop()
+    assert not [n for n in os.listdir("/run/netns") if n.startswith("infertap-pf-")]

@@ -612,8 +612,12 @@ def _polyfill(r: _Reader, node: YNode, path: str) -> tuple[PolyfillSpec, ...]:
             continue
         errors_before = len(r.errors)
         client = _required(r, m, ipath, "client", r.string)
-        if client is not None and client.count("/") != 1:
-            r.error(m.items["client"].line, _join(ipath, "client"), "must be namespace/name")
+        if client is not None and not (client.startswith("/") or client.count("/") == 1):
+            r.error(
+                m.items["client"].line,
+                _join(ipath, "client"),
+                "must be namespace/name, or a cgroup path starting with /",
+            )
         service = _required(r, m, ipath, "service", lambda n, p: _endpoint(r, n, p))
         if service is not None and ":" in service.ip:
             r.error(m.items["service"].line, _join(ipath, "service"), "must be an IPv4 ip:port")

@@ -157,7 +157,7 @@ class PolyfillSpec:
     """Request polyfill (agent/polyfill): `client`'s KServe V2 requests to `service` for `model`
     (and `version`, when given) get the parameters of `set_parameters` they lack."""
 
-    client: str  # the client pod, namespace/name
+    client: str  # the client pod: namespace/name (discovered pods) or a cgroup path (/...)
     service: Endpoint  # IPv4 ip:port
     model: str
     version: str | None
