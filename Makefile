@@ -24,6 +24,8 @@ bench:
 	scripts/system-deps.sh bench
 	scripts/venv.sh
 	$(PY) -m benchmarks.datapath
+	$(PY) -m benchmarks.polyfill
+	$(PY) -m benchmarks.inspector
 
 clean:
 	rm -rf .venv build *.egg-info agent/api/*_pb2*.py agent/api/*_pb2.pyi

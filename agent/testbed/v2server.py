@@ -190,6 +190,9 @@ def rest_infer_response(model: Model, req: V2Payload, outputs: Outputs) -> tuple
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: every reply carries Content-Length
+    # Headers and body go out in two writes; with Nagle on, a keep-alive client's next request
+    # waits for the delayed ACK (about 40 ms per call).
+    disable_nagle_algorithm = True
     server_version = SERVER_NAME
 
     def log_message(self, format: str, *args: Any) -> None:
