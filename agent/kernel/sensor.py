@@ -23,6 +23,7 @@ from typing import Any
 
 from infertap.agent.flows.records import FlowInfo
 from infertap.agent.kernel import bpfsys, btf, cgroups, decode, structs
+from infertap.agent.kernel.attach import CgroupAttachments
 from infertap.agent.kernel.headers import HeaderTree, find_headers, point_bcc_at
 from infertap.agent.kernel.instances import RegistryUnreadable, shared_registry
 
@@ -70,7 +71,7 @@ class Sensor:
         self._sockops: Any = None
         self._msg: Any = None
         self._sockhash_fd = -1
-        self._attached: list[Path] = []
+        self._cgroups = CgroupAttachments(self.mount, "sockops")
         self._tables: dict[tuple[str, Any, Any], Any] = {}
         self._registry = shared_registry(options.run_dir)
         self._prog_ids: list[int] = []
@@ -153,11 +154,8 @@ class Sensor:
         """Detach everything this sensor attached and release the maps. Safe to call twice."""
         from bcc import BPF, BPFAttachType
 
-        for cg in list(self._attached):
-            try:
-                self.detach(cg)
-            except Exception as exc:  # keep going: detach what we can
-                log.warning("could not detach from %s: %s", cg, exc)
+        if self._sockops is not None:
+            self._cgroups.detach_all(self._programs())
         if self._msg is not None and self._sockhash_fd >= 0:
             try:
                 BPF.detach_func(self._msg, self._sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
@@ -181,42 +179,18 @@ class Sensor:
 
     # ---- attach / detach -------------------------------------------------------------------
 
-    def attach(self, cgroup: str | Path) -> Path:
-        from bcc import BPF, BPFAttachType
+    def _programs(self) -> list[tuple[Any, bpfsys.AttachType]]:
+        return [(self._sockops, bpfsys.AttachType.CGROUP_SOCK_OPS)]
 
-        path = cgroups.resolve(cgroup, self.mount)
-        if path in self._attached:
-            return path
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            BPF.attach_func(
-                self._sockops, fd, BPFAttachType.CGROUP_SOCK_OPS, bpfsys.BPF_F_ALLOW_MULTI
-            )
-        finally:
-            os.close(fd)
-        self._attached.append(path)
-        log.info("sockops attached to cgroup %s", path)
-        return path
+    def attach(self, cgroup: str | Path) -> Path:
+        return self._cgroups.attach(cgroup, self._programs())
 
     def detach(self, cgroup: str | Path) -> None:
-        from bcc import BPF, BPFAttachType
-
-        path = cgroups.resolve(cgroup, self.mount) if Path(cgroup).exists() else Path(cgroup)
-        if path not in self._attached:
-            return
-        self._attached.remove(path)
-        if not path.exists():
-            return  # the pod's cgroup is gone, and its programs with it
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            BPF.detach_func(self._sockops, fd, BPFAttachType.CGROUP_SOCK_OPS)
-        finally:
-            os.close(fd)
-        log.info("sockops detached from cgroup %s", path)
+        self._cgroups.detach(cgroup, self._programs())
 
     @property
     def attached(self) -> list[Path]:
-        return list(self._attached)
+        return self._cgroups.paths
 
     def sweep_stale(self) -> int:
         """Detach infertap programs that no live agent owns, from every cgroup. Returns count."""
@@ -318,7 +292,7 @@ class Sensor:
         """
         from infertap.agent.kernel import sockets
 
-        hints = [cgroup_hint] if cgroup_hint is not None else list(self._attached)
+        hints = [cgroup_hint] if cgroup_hint is not None else self._cgroups.paths
         fd = sockets.find_socket(flow.cookie, hints)
         if fd is None:
             return False

@@ -33,6 +33,7 @@ from typing import Any
 
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.kernel import bpfsys, cgroups, decode, structs
+from infertap.agent.kernel.attach import CgroupAttachments
 from infertap.agent.kernel.headers import HeaderTree, find_headers, point_bcc_at
 from infertap.agent.kernel.instances import shared_registry
 
@@ -146,7 +147,7 @@ class Steering:
         self.headers: HeaderTree | None = None
         self._bpf: Any = None
         self._progs: list[tuple[Any, bpfsys.AttachType]] = []
-        self._attached: list[Path] = []
+        self._cgroups = CgroupAttachments(self.mount, "steering")
         self._registry = shared_registry(run_dir)
         self._prog_ids: list[int] = []
         self._lock = threading.Lock()
@@ -195,12 +196,7 @@ class Steering:
 
     def close(self) -> None:
         """Detach everything this unit attached and release the maps. Safe to call twice."""
-        for cg in list(self._attached):
-            try:
-                self.detach(cg)
-            except Exception as exc:  # keep going: detach what we can
-                log.warning("could not detach steering from %s: %s", cg, exc)
-        self._attached.clear()
+        self._cgroups.detach_all(self._progs)
         self._progs = []
         if self._bpf is not None:
             self._bpf.cleanup()
@@ -222,48 +218,12 @@ class Steering:
 
     def attach(self, cgroup: str | Path) -> Path:
         """Attach the connect and getsockopt programs to a cgroup (all three, or none)."""
-        from bcc import BPF
-
         if not self._progs:
             raise SteeringError("steering is not started")
-        path = cgroups.resolve(cgroup, self.mount)
-        if path in self._attached:
-            return path
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        done: list[tuple[Any, bpfsys.AttachType]] = []
-        try:
-            for fn, attach_type in self._progs:
-                BPF.attach_func(fn, fd, int(attach_type), bpfsys.BPF_F_ALLOW_MULTI)
-                done.append((fn, attach_type))
-        except Exception:
-            for fn, attach_type in done:
-                try:
-                    BPF.detach_func(fn, fd, int(attach_type))
-                except Exception as exc:
-                    log.warning("could not undo a partial steering attach: %s", exc)
-            raise
-        finally:
-            os.close(fd)
-        self._attached.append(path)
-        log.info("steering attached to cgroup %s", path)
-        return path
+        return self._cgroups.attach(cgroup, self._progs)
 
     def detach(self, cgroup: str | Path) -> None:
-        from bcc import BPF
-
-        path = cgroups.resolve(cgroup, self.mount) if Path(cgroup).exists() else Path(cgroup)
-        if path not in self._attached:
-            return
-        self._attached.remove(path)
-        if not path.exists():
-            return  # the pod's cgroup is gone, and its programs with it
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for fn, attach_type in self._progs:
-                BPF.detach_func(fn, fd, int(attach_type))
-        finally:
-            os.close(fd)
-        log.info("steering detached from cgroup %s", path)
+        self._cgroups.detach(cgroup, self._progs)
 
     @property
     def started(self) -> bool:
@@ -271,7 +231,7 @@ class Steering:
 
     @property
     def attached(self) -> list[Path]:
-        return list(self._attached)
+        return self._cgroups.paths
 
     @property
     def prog_ids(self) -> list[int]:
