@@ -59,7 +59,7 @@ def inspection_config(policy: Policy) -> InspectionConfig:
         except (BaselineError, OSError) as exc:
             raise PolicyError([f"{policy.source}: models {spec.name}: baseline: {exc}"]) from exc
         models[spec.name] = ModelInspection(
-            baseline, spec.drift.to_config(), spec.schema.to_config()
+            baseline, spec.drift.to_config(), spec.schema.to_config(), spec.features
         )
     return InspectionConfig(
         pii_enabled=policy.pii.enabled,

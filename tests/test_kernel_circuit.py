@@ -49,7 +49,8 @@ services:
 models:
   - name: fraud
     baseline: {baseline}
-    drift: {{window: 100}}
+    features: [amount]
+    drift: {{window: 200}}
 pii: {{enabled: false}}
 actions:
   drift: {{info: log, warn: log, alert: circuit_break}}

@@ -26,6 +26,7 @@ class ModelInspection:
     baseline: Baseline
     drift: DriftConfig = field(default_factory=DriftConfig)
     schema: SchemaConfig = field(default_factory=SchemaConfig)
+    features: tuple[str, ...] = ()  # features watched for drift; empty = all of the baseline's
 
 
 @dataclass
@@ -40,6 +41,7 @@ class InspectionEngine:
     def __init__(self, config: InspectionConfig | None = None, secret: bytes | None = None) -> None:
         self._lock = threading.Lock()
         self._secret = secret
+        self._watched: dict[str, frozenset[str]] = {}
         self.configure(config or InspectionConfig())
 
     def configure(self, config: InspectionConfig) -> None:
@@ -50,11 +52,13 @@ class InspectionEngine:
             else None
         )
         drift = {m: DriftMonitor(mi.baseline, mi.drift) for m, mi in config.models.items()}
+        watched = {m: frozenset(mi.features) for m, mi in config.models.items() if mi.features}
         schema = {m: SchemaChecker(mi.baseline, mi.schema) for m, mi in config.models.items()}
         with self._lock:
             self._pii = pii
             self._drift = drift
             self._schema = schema
+            self._watched = watched
             self.config = config
 
     @property
@@ -68,6 +72,7 @@ class InspectionEngine:
                 self._drift.get(event.model),
                 self._schema.get(event.model),
             )
+            watched = self._watched.get(event.model)
         findings: list[Finding] = []
         if pii is not None:
             findings += pii.scan_event(event)
@@ -76,15 +81,20 @@ class InspectionEngine:
         if schema is not None:
             findings += schema.check(event)
         if drift is not None:
-            findings += drift.observe(event)
+            drifted = drift.observe(event)
+            if watched is not None:  # the policy names the features to watch: drop the others
+                drifted = [f for f in drifted if f.location in watched]
+            findings += drifted
         return findings
 
     def drift_values(self) -> dict[tuple[str, str, str], float]:
         """(model, feature, stat) -> current value, for the feature drift gauge."""
         with self._lock:
             monitors = dict(self._drift)
+            watched = dict(self._watched)
         out: dict[tuple[str, str, str], float] = {}
         for model, mon in monitors.items():
             for (feature, stat), value in mon.metrics().items():
-                out[(model, feature, stat)] = value
+                if model not in watched or feature in watched[model]:
+                    out[(model, feature, stat)] = value
         return out
