@@ -103,6 +103,10 @@ class Lab:
         try:
             self._ipr.link("add", ifname=self.bridge, kind="bridge")
             idx = self._ipr.link_lookup(ifname=self.bridge)[0]
+            # The node's own address on the pod network (pods start at .2), as a CNI gives the
+            # node: traffic from the host to pods (the agent's shadow mirroring, for one) then
+            # stays on this bridge instead of following the default route off the machine.
+            self._ipr.addr("add", index=idx, address=f"{self.subnet}.1", prefixlen=24)
             self._ipr.link("set", index=idx, state="up")
             self.cgroup_root.mkdir(exist_ok=True)
         except Exception:

@@ -1,0 +1,110 @@
+"""Shadow mirroring over real kernel interception: tritonclient calls the fraud model in one pod,
+the agent decodes them from its samples and replays a share to a shadow V2 server in a third pod,
+comparing outputs; no iptables rule anywhere."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import needs_root
+
+pytestmark = [needs_root, pytest.mark.kernel]
+
+CLIENT = r"""
+import sys
+import numpy as np
+import tritonclient.http as httpclient
+from infertap.agent.testbed.fraud_model import example_transactions
+rng = np.random.default_rng(9)
+c = httpclient.InferenceServerClient(url=f"{sys.argv[1]}:9300")
+for _ in range(int(sys.argv[2])):
+    x = example_transactions(2, rng)
+    inp = httpclient.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=False)
+    c.infer("fraud", [inp])
+print("done", flush=True)
+"""
+
+POLICY = """\
+version: 1
+services:
+  - {{name: fraud, port: 9300}}
+mirror:
+  models:
+    - model: fraud
+      endpoint: {shadow}:9300
+      protocol: rest
+      share: 1.0
+"""
+
+
+def start_v2(pod: Any) -> None:
+    proc = pod.popen(
+        [
+            sys.executable,
+            "-m",
+            "infertap.agent.testbed.v2server",
+            "--host",
+            "0.0.0.0",
+            "--http-port",
+            "9300",
+            "--grpc-port",
+            "9301",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().startswith("v2server ready")
+
+
+def test_shadow_receives_the_primarys_requests_and_agrees(lab: Any, tmp_path: Path) -> None:
+    from infertap.agent.runtime import Agent, AgentOptions
+
+    client, primary, shadow = (lab.add_pod(n) for n in ("mr-client", "mr-primary", "mr-shadow"))
+    # The agent replays from the host: its route to pods must be the lab bridge, never the
+    # default route off the machine.
+    route = subprocess.run(["ip", "route", "get", shadow.ip], capture_output=True, text=True)
+    assert f"dev {lab.bridge}" in route.stdout, route.stdout
+    start_v2(primary)
+    start_v2(shadow)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.format(shadow=shadow.ip))
+    agent = Agent(
+        AgentOptions(
+            cgroups=(str(client.cgroup), str(primary.cgroup)),
+            policy=policy,
+            metrics_addr=None,
+            api_addr=None,
+            sample_bytes=16384,
+        )
+    )
+    agent.start()
+    sub = agent.events.subscribe(frozenset({"shadow"}))
+    results: list[dict[str, Any]] = []
+    try:
+        n = 20
+        done = client.run(
+            [sys.executable, "-c", CLIENT, primary.ip, str(n)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        deadline = time.monotonic() + 15
+        while len(results) < n and time.monotonic() < deadline:
+            ev = sub.get(0.5)
+            if ev is not None:
+                results.append(ev.data)
+    finally:
+        agent.stop()
+    # Every call reached the shadow (share 1.0) and the same model agreed, row by row.
+    assert len(results) == n, results[:3]
+    assert all(r["result"] == "agree" and r["max_abs_diff"] == 0 for r in results), [
+        (r["result"], r["max_abs_diff"], r.get("error")) for r in results[:5]
+    ]
+    assert {r["shadow"] for r in results} == {f"{shadow.ip}:9300"}
