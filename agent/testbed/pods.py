@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -96,10 +97,10 @@ class Lab:
         self.mount = cgroup_mount or cgroups.cgroup2_mount()
         self.cgroup_root = self.mount / f"infertap-lab-{self.tag}"
         self.bridge = f"itbr{self.tag}"[:15]
-        self.subnet = f"10.{200 + pid % 50}.{pid % 250}"
         self.pods: dict[str, Pod] = {}
         self._made: list[Path] = []  # parent cgroup folders add_pod made, removed on close
         self._ipr = IPRoute()
+        self.subnet = self._free_subnet(pid)
         try:
             self._ipr.link("add", ifname=self.bridge, kind="bridge")
             idx = self._ipr.link_lookup(ifname=self.bridge)[0]
@@ -112,6 +113,17 @@ class Lab:
         except Exception:
             self.close()
             raise
+
+    def _free_subnet(self, seed: int) -> str:
+        """A private /24 (as "10.a.b") no route on this host uses yet: labs of concurrent test
+        runs must not share one, now that the host has an address on each lab's bridge."""
+        used = {r.get_attr("RTA_DST") for r in self._ipr.get_routes(family=socket.AF_INET)}
+        for i in range(250):
+            n = (seed + i) % 250
+            subnet = f"10.{200 + n % 50}.{n}"
+            if f"{subnet}.0" not in used:
+                return subnet
+        raise RuntimeError("no free 10.x.y.0/24 for a lab")
 
     def add_pod(self, name: str, cgroup: Path | None = None) -> Pod:
         """A new pod. `cgroup` places its cgroup elsewhere under the mount (e.g. where kubelet
