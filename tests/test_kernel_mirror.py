@@ -4,6 +4,7 @@ comparing outputs; no iptables rule anywhere."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ for _ in range(int(sys.argv[2])):
     x = example_transactions(2, rng)
     inp = httpclient.InferInput("features", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=False)
-    c.infer("fraud", [inp])
+    c.infer("fraud", [inp], parameters={"customer_email": "jane.doe@example.com"})
 print("done", flush=True)
 """
 
@@ -40,6 +41,8 @@ mirror:
       endpoint: {shadow}:9300
       protocol: rest
       share: 1.0
+  sink:
+    directory: {sink}
 """
 
 
@@ -73,7 +76,8 @@ def test_shadow_receives_the_primarys_requests_and_agrees(lab: Any, tmp_path: Pa
     start_v2(primary)
     start_v2(shadow)
     policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY.format(shadow=shadow.ip))
+    sink = tmp_path / "sink"
+    policy.write_text(POLICY.format(shadow=shadow.ip, sink=sink))
     agent = Agent(
         AgentOptions(
             cgroups=(str(client.cgroup), str(primary.cgroup)),
@@ -108,3 +112,11 @@ def test_shadow_receives_the_primarys_requests_and_agrees(lab: Any, tmp_path: Pa
         (r["result"], r["max_abs_diff"], r.get("error")) for r in results[:5]
     ]
     assert {r["shadow"] for r in results} == {f"{shadow.ip}:9300"}
+    # The sink kept every call for offline evaluation, redacted: shapes and types, no parameters.
+    lines = [json.loads(line) for f in sorted(sink.glob("*.jsonl")) for line in f.open()]
+    mine = [rec for rec in lines if rec["model"] == "fraud"]
+    assert len(mine) == n
+    assert all(
+        rec["inputs"] == [{"name": "features", "shape": [2, 8], "datatype": "FP32"}] for rec in mine
+    )
+    assert not any("jane.doe" in f.read_text() for f in sink.glob("*.jsonl"))
