@@ -29,6 +29,7 @@ from infertap.agent.inspect.baseline import build_baseline
 from infertap.agent.runtime import Agent, AgentOptions
 from infertap.agent.testbed.fraud_model import FEATURES, example_transactions
 from infertap.agent.testbed.pods import Lab
+from infertap.agent.testbed.v2server import start_in_pod
 
 log = logging.getLogger(__name__)
 HTTP_PORT, GRPC_PORT = 8000, 8001
@@ -136,23 +137,7 @@ def run_demo(
 
             folder = threading.Thread(target=fold, daemon=True)
             folder.start()
-            v2 = server.popen(
-                [
-                    py,
-                    "-m",
-                    "infertap.agent.testbed.v2server",
-                    "--host",
-                    "0.0.0.0",
-                    "--http-port",
-                    str(HTTP_PORT),
-                    "--grpc-port",
-                    str(GRPC_PORT),
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            assert v2.stdout is not None
-            console.print(v2.stdout.readline().strip(), highlight=False)
+            console.print(start_in_pod(server, HTTP_PORT, GRPC_PORT), highlight=False)
             port = agent.metrics.port if agent.metrics else 0
             console.print(
                 f"agent ready: metrics http://127.0.0.1:{port}/metrics, api {api}", highlight=False

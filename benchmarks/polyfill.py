@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from typing import Any
 
@@ -18,6 +17,7 @@ from infertap.agent.flows.records import Endpoint
 from infertap.agent.kernel.steering import Steering
 from infertap.agent.polyfill.unit import ClientPod, Polyfill, PolyfillRule
 from infertap.agent.testbed.pods import Lab, Pod
+from infertap.agent.testbed.v2server import start_in_pod
 
 PORT = 8000
 # One keep-alive connection, N requests of the fraud model's [1, 8] input; prints p50/p99 in us.
@@ -63,22 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with Lab() as lab, Steering() as steering:
         direct, steered, server = lab.add_pod("direct"), lab.add_pod("steered"), lab.add_pod("v2")
-        v2 = server.popen(
-            [
-                sys.executable,
-                "-m",
-                "infertap.agent.testbed.v2server",
-                "--host",
-                "0.0.0.0",
-                "--http-port",
-                str(PORT),
-                "--grpc-port",
-                "8001",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert v2.stdout is not None and v2.stdout.readline().startswith("v2server ready")
+        start_in_pod(server, PORT, 8001)
         for pod in (direct, steered):
             steering.attach(pod.cgroup)  # both carry the hook; only the rule's pod is steered
         unit = Polyfill(steering)

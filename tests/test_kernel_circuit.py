@@ -4,13 +4,14 @@ real tritonclient, the real agent under a policy."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import needs_root
+
+from infertap.agent.testbed.v2server import start_in_pod
 
 pytestmark = [needs_root, pytest.mark.kernel]
 
@@ -76,22 +77,7 @@ def test_drift_alert_blocks_in_the_kernel_and_recovery_restores(lab: Any, tmp_pa
     agent.start()
     sub = agent.events.subscribe(frozenset({"circuit"}))
     try:
-        v2 = server.popen(
-            [
-                sys.executable,
-                "-m",
-                "infertap.agent.testbed.v2server",
-                "--host",
-                "0.0.0.0",
-                "--http-port",
-                "9100",
-                "--grpc-port",
-                "9101",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert v2.stdout is not None and v2.stdout.readline().startswith("v2server ready")
+        start_in_pod(server, 9100, 9101)
         run = client.run(
             [sys.executable, "-c", CLIENT, server.ip, "4", "12"],
             capture_output=True,

@@ -3,7 +3,6 @@ tritonclient over HTTP (JSON and binary tensors) and gRPC, against a V2 server i
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from typing import Any
 
@@ -12,29 +11,15 @@ import pytest
 from conftest import needs_root, repo_root
 from v2_client_script import tensors
 
+from infertap.agent.testbed.v2server import start_in_pod
+
 pytestmark = [needs_root, pytest.mark.kernel]
 
 
 @pytest.fixture(scope="module")
 def v2server(lab: Any) -> Any:
     server = lab.pods["server"]
-    proc = server.popen(
-        [
-            sys.executable,
-            "-m",
-            "infertap.agent.testbed.v2server",
-            "--host",
-            "0.0.0.0",
-            "--http-port",
-            "8000",
-            "--grpc-port",
-            "8001",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().startswith("v2server ready")
+    start_in_pod(server, 8000, 8001)
     return server
 
 

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from conftest import needs_root
 
+from infertap.agent.testbed.v2server import start_in_pod
+
 pytestmark = [needs_root, pytest.mark.kernel]
 
 CLIENT = r"""
@@ -47,22 +49,7 @@ mirror:
 
 
 def start_v2(pod: Any) -> None:
-    proc = pod.popen(
-        [
-            sys.executable,
-            "-m",
-            "infertap.agent.testbed.v2server",
-            "--host",
-            "0.0.0.0",
-            "--http-port",
-            "9300",
-            "--grpc-port",
-            "9301",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None and proc.stdout.readline().startswith("v2server ready")
+    start_in_pod(pod, 9300, 9301)
 
 
 def test_shadow_receives_the_primarys_requests_and_agrees(lab: Any, tmp_path: Path) -> None:

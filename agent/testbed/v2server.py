@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import subprocess
 import sys
 import threading
 import zlib
@@ -38,6 +39,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from infertap.agent.models import kserve_v2
 from infertap.agent.models.kserve_v2 import V2DecodeError, V2Payload
 from infertap.agent.testbed import fraud_model
+from infertap.agent.testbed.pods import Pod
 
 SERVER_NAME = "infertap-v2server"
 SERVER_VERSION = "0.1.0"
@@ -441,6 +443,30 @@ def start_v2_server(
         raise OSError(f"cannot bind gRPC to {bind}")
     server.start()
     return V2ServerHandle(http, server, bound)
+
+
+def start_in_pod(pod: Pod, http_port: int, grpc_port: int) -> str:
+    """Run this server inside a test pod (its cgroup and network namespace) on all its addresses,
+    and wait until it serves. Returns its ready line; raises if it does not come up."""
+    proc = pod.popen(
+        [
+            sys.executable,
+            "-m",
+            "infertap.agent.testbed.v2server",
+            "--host",
+            "0.0.0.0",
+            "--http-port",
+            str(http_port),
+            "--grpc-port",
+            str(grpc_port),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline().strip() if proc.stdout is not None else ""
+    if not line.startswith("v2server ready"):
+        raise RuntimeError(f"the V2 server did not start in pod {pod.name}: {line!r}")
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
