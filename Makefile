@@ -17,8 +17,18 @@ lint: setup
 	.venv/bin/mypy -p infertap
 	.venv/bin/mypy tests benchmarks
 
+# pytest's console script, not `python -m pytest`: that would put the repository root on the
+# path and make agent/ and cli/ importable as a second copy of infertap.
+PYTEST := .venv/bin/pytest
+
 test: setup lint
-	$(PY) -m pytest -q
+	$(PYTEST) -q
+
+unit: setup
+	$(PYTEST) -q -m "not kernel"
+
+kernel: setup
+	$(PYTEST) -q -m kernel
 
 bench:
 	scripts/system-deps.sh bench

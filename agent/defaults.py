@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 DEFAULT_API = "unix:/run/infertap/api.sock"
 DEFAULT_METRICS = "127.0.0.1:9464"
+DEFAULT_SAMPLE_BYTES = 4096  # bytes of each message copied to the ring (kernel cap: SAMPLE_MAX)
+DEFAULT_RUN_DIR = Path("/run/infertap")  # instance registry, API socket, kernel header tree
 
 
 def parse_host_port(text: str, what: str) -> tuple[str, int]:

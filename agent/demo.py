@@ -24,11 +24,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from infertap.agent.export.events import AgentEvent
+from infertap.agent.export.event_hub import AgentEvent
 from infertap.agent.inspect.baseline import build_baseline
 from infertap.agent.runtime import Agent, AgentOptions
 from infertap.agent.testbed.fraud_model import FEATURES, example_transactions
-from infertap.agent.testbed.pods import Lab
+from infertap.agent.testbed.lab import Lab
 from infertap.agent.testbed.v2server import start_in_pod
 
 log = logging.getLogger(__name__)

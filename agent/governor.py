@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from infertap.agent.enforce.breaker import CircuitBreaker, CircuitEvent
-from infertap.agent.export.events import AgentEvent
+from infertap.agent.export.event_hub import AgentEvent
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.inspect.baseline import Baseline, BaselineError
 from infertap.agent.inspect.engine import InspectionConfig, ModelInspection
 from infertap.agent.inspect.findings import Finding
 from infertap.agent.kernel import cgroups
 from infertap.agent.kernel.steering import SteeringError
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.policy.loader import PolicyError
 from infertap.agent.policy.schema import Policy
 from infertap.agent.policy.watcher import PolicyWatcher

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from infertap.agent.export.events import AgentEvent, EventHub
+from infertap.agent.export.event_hub import AgentEvent, EventHub
 from infertap.agent.export.metrics import FlowAccounting, InferenceMetrics, TrafficMetrics
 from infertap.agent.flows.records import (
     ConnectionId,
@@ -30,10 +30,10 @@ from infertap.agent.inspect.engine import InspectionEngine
 from infertap.agent.inspect.findings import Finding
 from infertap.agent.kernel.decode import decode_record
 from infertap.agent.models.adapt import to_inference_event
-from infertap.agent.models.events import InferenceEvent
-from infertap.agent.pods import PodDirectory
-from infertap.agent.protocols.classify import WireDecoder
+from infertap.agent.models.inference_event import InferenceEvent
+from infertap.agent.pod_labels import PodDirectory
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
+from infertap.agent.protocols.wire import WireDecoder
 
 log = logging.getLogger(__name__)
 

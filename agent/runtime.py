@@ -17,9 +17,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 
-from infertap.agent.defaults import DEFAULT_API, DEFAULT_METRICS, parse_host_port
+from infertap.agent.defaults import (
+    DEFAULT_API,
+    DEFAULT_METRICS,
+    DEFAULT_RUN_DIR,
+    DEFAULT_SAMPLE_BYTES,
+    parse_host_port,
+)
 from infertap.agent.enforce.verdicts import VerdictStore
-from infertap.agent.export.events import AgentEvent, EventHub
+from infertap.agent.export.event_hub import AgentEvent, EventHub
 from infertap.agent.export.metrics import (
     FlowAccounting,
     InferenceMetrics,
@@ -36,7 +42,7 @@ from infertap.agent.kernel.sensor import Sensor, SensorOptions
 from infertap.agent.kernel.steering import Steering
 from infertap.agent.mirror.mirror import Mirror
 from infertap.agent.pipeline import Pipeline
-from infertap.agent.pods import PodDirectory
+from infertap.agent.pod_labels import PodDirectory
 from infertap.agent.policy.loader import default_policy, load_policy
 from infertap.agent.policy.schema import observe_only
 from infertap.agent.polyfill.unit import Polyfill
@@ -55,9 +61,9 @@ class AgentOptions:
     api_addr: str | None = DEFAULT_API  # None: no API server
     api_tls_dir: Path | None = None  # ca.pem, server.pem, server-key.pem: required for TCP
     api_allow: tuple[str, ...] = ()  # client identities that may change verdicts; () = any
-    sample_bytes: int = 4096
+    sample_bytes: int = DEFAULT_SAMPLE_BYTES
     sample_one_in: int = 1
-    run_dir: Path = Path("/run/infertap")
+    run_dir: Path = DEFAULT_RUN_DIR
     policy: Path | None = None  # None: the built-in defaults, observing only (never blocking)
     kubernetes: bool = False  # attach to this node's inspected pods as discovery finds them
     node_name: str = ""  # with kubernetes: this node (the DaemonSet sets NODE_NAME)
@@ -194,7 +200,7 @@ class Agent:
         self.ready = True
 
     def _start_discovery(self) -> None:
-        from infertap.agent.discovery.pods import PodWatcher
+        from infertap.agent.discovery.pod_watch import PodWatcher
 
         if not self.options.node_name:
             raise ValueError("--kubernetes needs the node name (NODE_NAME)")
@@ -212,7 +218,7 @@ class Agent:
 
     def _pod_event(self, event: Any) -> None:
         """PodAdded / PodRemoved from discovery: attach or detach, and name the cgroup."""
-        from infertap.agent.discovery.pods import PodAdded
+        from infertap.agent.discovery.pod_watch import PodAdded
 
         if isinstance(event, PodAdded):
             path = self.sensor.attach(event.cgroup_path)

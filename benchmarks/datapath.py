@@ -45,7 +45,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from infertap.agent.testbed.pods import Lab, Pod
+from infertap.agent.testbed.lab import Lab, Pod
 
 SOCKPERF_PORT = 11111
 IPERF_PORT = 5201

@@ -71,7 +71,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from infertap.agent.demo import fraud_baseline
-from infertap.agent.export.events import EventHub
+from infertap.agent.export.event_hub import EventHub
 from infertap.agent.export.metrics import FlowAccounting, InferenceMetrics, TrafficMetrics
 from infertap.agent.flows.records import Endpoint, FlowInfo, Role
 from infertap.agent.inspect.baseline import Baseline
@@ -80,9 +80,9 @@ from infertap.agent.inspect.findings import Finding
 from infertap.agent.kernel import structs
 from infertap.agent.kernel.decode import RECORD, decode_record, flow_key
 from infertap.agent.kernel.ringbuf import RingReader
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.pipeline import Pipeline
-from infertap.agent.pods import PodDirectory
+from infertap.agent.pod_labels import PodDirectory
 from infertap.agent.runtime import READ_INTERVAL_S
 from infertap.agent.testbed.feature_store import LEAKS
 from infertap.agent.testbed.fraud_model import N_FEATURES, example_transactions
@@ -555,7 +555,7 @@ def stage_costs(profiler: cProfile.Profile) -> list[dict[str, Any]]:
     """Cumulative share of the main stages of Pipeline.handle."""
     stages = {
         ("agent/kernel/decode.py", "decode_record"): "decode_record",
-        ("agent/protocols/classify.py", "on_sample"): "WireDecoder.on_sample",
+        ("agent/protocols/wire.py", "on_sample"): "WireDecoder.on_sample",
         ("agent/models/adapt.py", "to_inference_event"): "model adapters",
         ("agent/inspect/pii.py", "scan_event"): "PII scan",
         ("agent/inspect/schema.py", "check"): "schema checks",
@@ -725,7 +725,7 @@ def _decode_only(view: memoryview) -> None:
 
 def part2(seconds: float, log: Callable[[str], None]) -> dict[str, Any]:
     from infertap.agent.kernel.sensor import Sensor, SensorOptions
-    from infertap.agent.testbed.pods import Lab
+    from infertap.agent.testbed.lab import Lab
 
     if shutil.which("sockperf") is None or shutil.which("taskset") is None:
         raise BenchError("sockperf or taskset missing: run scripts/system-deps.sh bench")

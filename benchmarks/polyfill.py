@@ -16,7 +16,7 @@ from typing import Any
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.kernel.steering import Steering
 from infertap.agent.polyfill.unit import ClientPod, Polyfill, PolyfillRule
-from infertap.agent.testbed.pods import Lab, Pod
+from infertap.agent.testbed.lab import Lab, Pod
 from infertap.agent.testbed.v2server import start_in_pod
 
 PORT = 8000

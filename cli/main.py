@@ -26,7 +26,12 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from infertap import __version__
-from infertap.agent.defaults import DEFAULT_API, DEFAULT_METRICS, parse_host_port
+from infertap.agent.defaults import (
+    DEFAULT_API,
+    DEFAULT_METRICS,
+    DEFAULT_SAMPLE_BYTES,
+    parse_host_port,
+)
 from infertap.cli.certs import certs_app
 
 app = typer.Typer(
@@ -98,7 +103,7 @@ def run(
     api: ApiOpt = DEFAULT_API,
     sample_bytes: Annotated[
         int, typer.Option(min=0, max=16384, help="Bytes sampled from each message.")
-    ] = 4096,
+    ] = DEFAULT_SAMPLE_BYTES,
     sample_one_in: Annotated[
         int, typer.Option(min=0, help="Sample 1 flow in N (1 = all, 0 = none).")
     ] = 1,

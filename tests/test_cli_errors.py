@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, needs_root
+from support import IS_ROOT, needs_root
 
 INFERTAP = [sys.executable, "-m", "infertap.cli.main"]
 
@@ -75,6 +75,7 @@ def test_unknown_cgroup_is_refused_and_nothing_stays_attached(tmp_path: Path) ->
 
 
 @needs_root
+@pytest.mark.kernel
 def test_metrics_port_in_use_fails_cleanly(lab: object, tmp_path: Path) -> None:
     import socket
 

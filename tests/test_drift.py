@@ -26,7 +26,7 @@ from infertap.agent.inspect.drift import (
     psi,
 )
 from infertap.agent.inspect.findings import Finding
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 
 FloatArray = npt.NDArray[np.float64]
 

@@ -24,8 +24,8 @@ from wire_streams import (
 )
 
 from infertap.agent.flows.records import Role, Sample
-from infertap.agent.protocols.classify import WireDecoder
 from infertap.agent.protocols.messages import HttpExchange
+from infertap.agent.protocols.wire import WireDecoder
 
 
 def conversation(

@@ -11,7 +11,7 @@ from infertap.agent.flows.records import Endpoint
 from infertap.agent.inspect.baseline import Baseline
 from infertap.agent.inspect.drift import DriftConfig
 from infertap.agent.inspect.engine import InspectionConfig, InspectionEngine, ModelInspection
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.testbed.fraud_model import FEATURES, example_transactions
 
 

@@ -36,7 +36,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from infertap.agent.flows.records import ConnectionId, Direction, Endpoint
 from infertap.agent.models import kserve_v2
 from infertap.agent.models.adapt import adapter_counters, to_inference_event
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 from infertap.agent.testbed.v2server import V2ServerHandle, start_v2_server
 

@@ -6,7 +6,7 @@ import threading
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from infertap.agent.export.events import AgentEvent, EventHub
+from infertap.agent.export.event_hub import AgentEvent, EventHub
 from infertap.agent.export.metric_names import METRICS
 from infertap.agent.export.metrics import FlowAccounting, KernelCollector, TrafficMetrics
 from infertap.agent.flows.records import Endpoint, FlowInfo, Role

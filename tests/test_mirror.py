@@ -26,7 +26,7 @@ import tritonclient.http as thttp
 from prometheus_client import CollectorRegistry, generate_latest
 from test_kserve_v2_adapter import RecordingProxy, exchanges
 
-from infertap.agent.export.events import EventHub
+from infertap.agent.export.event_hub import EventHub
 from infertap.agent.export.metrics import FlowAccounting, InferenceMetrics, TrafficMetrics
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.mirror.compare import compare_outputs
@@ -35,9 +35,9 @@ from infertap.agent.mirror.shadow import rewrite_rest_path
 from infertap.agent.mirror.sink import FILE_PREFIX, MirrorSink
 from infertap.agent.mirror.spec import MirrorSpec, ShadowSpec, SinkSpec
 from infertap.agent.models.adapt import to_inference_event
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.pipeline import Pipeline
-from infertap.agent.pods import PodDirectory
+from infertap.agent.pod_labels import PodDirectory
 from infertap.agent.policy.loader import PolicyError, load_policy_text, render_policy
 from infertap.agent.protocols.messages import HttpExchange
 from infertap.agent.testbed import fraud_model, v2server

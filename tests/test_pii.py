@@ -16,7 +16,7 @@ from faker import Faker
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.inspect.findings import Finding
 from infertap.agent.inspect.pii import BUILTIN_TYPES, PiiScanner
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 
 SECRET = b"test-agent-secret"
 FLOOR = 0.95  # precision and recall floor for every built-in type

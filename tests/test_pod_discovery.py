@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 from kubernetes import client
 
-from infertap.agent.discovery.cgroups import (
+from infertap.agent.discovery.kubelet_cgroups import (
     cgroup2_mounts,
     cgroupfs_pod_cgroup,
     container_cgroup_names,
@@ -34,7 +34,7 @@ from infertap.agent.discovery.cgroups import (
     pod_uid_from_cgroup,
     systemd_pod_cgroup,
 )
-from infertap.agent.discovery.pods import (
+from infertap.agent.discovery.pod_watch import (
     Attachment,
     KubernetesApi,
     LabelSelector,
@@ -78,7 +78,7 @@ def by_name(name: str) -> dict[str, Any]:
 
 # --- A kubelet's cgroup tree, by hand -----------------------------------------------------------
 
-# Written out literally, independent of infertap.agent.discovery.cgroups.
+# Written out literally, independent of infertap.agent.discovery.kubelet_cgroups.
 SYSTEMD_POD = {
     "Guaranteed": "kubepods.slice/kubepods-pod{u}.slice",
     "Burstable": "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice",

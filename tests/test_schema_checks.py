@@ -13,7 +13,7 @@ from infertap.agent.flows.records import Endpoint
 from infertap.agent.inspect.baseline import Baseline, build_baseline
 from infertap.agent.inspect.findings import Finding
 from infertap.agent.inspect.schema import SchemaChecker, SchemaConfig
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from infertap.agent.flows.records import ConnectionId, Direction, Endpoint
 from infertap.agent.models import tfserving
 from infertap.agent.models.adapt import adapter_counters, to_inference_event
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
 SERVICE = Endpoint("10.1.0.5", 8501)

@@ -29,8 +29,8 @@ from wire_streams import (
 )
 
 from infertap.agent.flows.records import Endpoint, FlowInfo, Role, Sample
-from infertap.agent.protocols.classify import WireDecoder
 from infertap.agent.protocols.messages import HttpExchange
+from infertap.agent.protocols.wire import WireDecoder
 
 # WIRE_FUZZ_EXAMPLES raises the count for a longer hunt (CI keeps the default).
 FUZZ = settings(

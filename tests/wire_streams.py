@@ -18,8 +18,8 @@ import h2.settings
 import h11
 
 from infertap.agent.flows.records import Endpoint, FlowInfo, Role, Sample
-from infertap.agent.protocols.classify import WireDecoder
 from infertap.agent.protocols.messages import HttpExchange
+from infertap.agent.protocols.wire import WireDecoder
 
 CLIENT = Endpoint("10.1.0.5", 41000)
 SERVER = Endpoint("10.1.0.9", 8000)

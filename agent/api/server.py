@@ -25,7 +25,7 @@ from infertap.agent.api import infertap_pb2 as pb
 from infertap.agent.api import infertap_pb2_grpc as pb_grpc
 from infertap.agent.api.tls import VerdictGuard, is_unix, server_tls_for
 from infertap.agent.enforce.verdicts import Verdict
-from infertap.agent.export.events import AgentEvent
+from infertap.agent.export.event_hub import AgentEvent
 from infertap.agent.flows.records import Endpoint, FlowInfo
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ from infertap.agent.inspect.baseline import (
 )
 from infertap.agent.inspect.features import extract_features
 from infertap.agent.inspect.findings import Finding, Severity
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 
 STATS: Final = ("psi", "ks", "js")
 

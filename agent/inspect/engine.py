@@ -14,7 +14,7 @@ from infertap.agent.inspect.drift import DriftConfig, DriftMonitor
 from infertap.agent.inspect.findings import Finding
 from infertap.agent.inspect.pii import PiiScanner
 from infertap.agent.inspect.schema import SchemaChecker, SchemaConfig
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from infertap.agent.inspect.baseline import Baseline, Feature, NumericFeature
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 
 ProblemType = Literal["shape", "dtype", "missing"]
 

@@ -29,7 +29,7 @@ from typing import Any, Final
 import numpy as np
 
 from infertap.agent.inspect.findings import Finding, Severity
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 
 EMAIL: Final = "email"
 PHONE: Final = "phone"

@@ -18,7 +18,7 @@ import numpy as np
 from infertap.agent.inspect.baseline import Baseline, NumericFeature
 from infertap.agent.inspect.features import extract_features
 from infertap.agent.inspect.findings import Finding, Severity
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 
 DEFAULT_MAX_PAYLOAD_BYTES: Final = 8 << 20
 

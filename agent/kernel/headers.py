@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from infertap.agent.defaults import DEFAULT_RUN_DIR
+
 log = logging.getLogger(__name__)
 
 HEADERS_PACKAGE_HINT = "linux-headers-amd64"
@@ -96,7 +98,7 @@ def find_headers(
     release: str | None = None,
     modules_root: Path = Path("/lib/modules"),
     src_root: Path = Path("/usr/src"),
-    runtime_dir: Path = Path("/run/infertap/kernel-headers"),
+    runtime_dir: Path = DEFAULT_RUN_DIR / "kernel-headers",
 ) -> HeaderTree:
     """Return a header tree for BCC, building a merged one if the running kernel has none."""
     release = release or os.uname().release

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infertap.agent.defaults import DEFAULT_RUN_DIR, DEFAULT_SAMPLE_BYTES
 from infertap.agent.flows.records import FlowInfo
 from infertap.agent.kernel import bpfsys, btf, cgroups, decode, structs
 from infertap.agent.kernel.attach import CgroupAttachments
@@ -44,12 +45,12 @@ class SensorError(RuntimeError):
 
 @dataclass(frozen=True)
 class SensorOptions:
-    sample_bytes: int = 4096
+    sample_bytes: int = DEFAULT_SAMPLE_BYTES
     sample_one_in: int = 1  # 1 = every flow, N = one flow in N, 0 = none
     ports: tuple[int, ...] = ()  # watched model-service ports; empty = all TCP
     ring_pages: int = 4096  # 16 MiB ring buffer
     max_flows: int = 65536
-    run_dir: Path = Path("/run/infertap")
+    run_dir: Path = DEFAULT_RUN_DIR
     accelerate: bool = False  # same-node acceleration: redirect to intercepted peer sockets
     extra_cflags: tuple[str, ...] = field(default_factory=tuple)
 

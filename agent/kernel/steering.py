@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from infertap.agent.defaults import DEFAULT_RUN_DIR
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.kernel import bpfsys, cgroups, decode, structs
 from infertap.agent.kernel.attach import CgroupAttachments
@@ -134,7 +135,7 @@ def _require_privileges() -> None:
 class Steering:
     def __init__(
         self,
-        run_dir: Path = Path("/run/infertap"),
+        run_dir: Path = DEFAULT_RUN_DIR,
         max_routes: int = 256,
         cgroup_mount: Path | None = None,
     ) -> None:

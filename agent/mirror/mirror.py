@@ -16,12 +16,12 @@ import threading
 
 from prometheus_client import CollectorRegistry
 
-from infertap.agent.export.events import EventHub
-from infertap.agent.mirror.metrics import ShadowMetrics
+from infertap.agent.export.event_hub import EventHub
 from infertap.agent.mirror.shadow import ShadowMirror
+from infertap.agent.mirror.shadow_metrics import ShadowMetrics
 from infertap.agent.mirror.sink import MirrorSink
 from infertap.agent.mirror.spec import MirrorSpec
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.policy.loader import PolicyError
 from infertap.agent.protocols.messages import HttpExchange
 

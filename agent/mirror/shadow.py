@@ -37,13 +37,13 @@ import grpc
 import numpy.typing as npt
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from infertap.agent.export.events import AgentEvent, EventHub
+from infertap.agent.export.event_hub import AgentEvent, EventHub
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.mirror.compare import Comparison, compare_outputs
-from infertap.agent.mirror.metrics import ShadowMetrics, ShadowResult
+from infertap.agent.mirror.shadow_metrics import ShadowMetrics, ShadowResult
 from infertap.agent.mirror.spec import MirrorSpec, ShadowSpec
 from infertap.agent.models import kserve_v2
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.protocols.messages import HttpExchange
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from infertap.agent.mirror.spec import SinkSpec
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.models import kserve_v2, openai, tfserving
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
 Decoder = Callable[[HttpExchange, Endpoint], InferenceEvent]

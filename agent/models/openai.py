@@ -20,7 +20,7 @@ import numpy.typing as npt
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.models.common import add_error as _add_error
 from infertap.agent.models.common import read_rest_response
-from infertap.agent.models.events import InferenceEvent
+from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
 PROTOCOL = "openai"

@@ -21,7 +21,7 @@ from typing import Final, Literal, TypeVar, cast, get_args
 
 import yaml
 
-from infertap.agent.discovery.pods import LabelSelector, Requirement
+from infertap.agent.discovery.pod_watch import LabelSelector, Requirement
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.inspect.drift import Thresholds
 from infertap.agent.inspect.pii import BUILTIN_TYPES

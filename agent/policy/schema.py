@@ -16,7 +16,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, get_args
 
-from infertap.agent.discovery.pods import LabelSelector
+from infertap.agent.defaults import DEFAULT_SAMPLE_BYTES
+from infertap.agent.discovery.pod_watch import LabelSelector
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.inspect.drift import DEFAULT_THRESHOLDS, DriftConfig, Thresholds
 from infertap.agent.inspect.findings import FindingKind, Severity
@@ -87,7 +88,7 @@ class ModelSpec:
 
 @dataclass(frozen=True, slots=True)
 class SamplingSpec:
-    sample_bytes: int = 4096  # bytes copied from each message (kernel cap: SAMPLE_MAX)
+    sample_bytes: int = DEFAULT_SAMPLE_BYTES
     sample_one_in: int = 1  # sample one flow in N; 0 samples none
 
 

@@ -39,7 +39,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from infertap.agent.models import kserve_v2
 from infertap.agent.models.kserve_v2 import V2DecodeError, V2Payload
 from infertap.agent.testbed import fraud_model
-from infertap.agent.testbed.pods import Pod
+from infertap.agent.testbed.lab import Pod
 
 SERVER_NAME = "infertap-v2server"
 SERVER_VERSION = "0.1.0"

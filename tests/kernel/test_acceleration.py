@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import needs_root, start_client, start_server
+from support import needs_root, start_client, start_server
 
 from infertap.agent.flows.records import FlowEnd, Role, Sample
 from infertap.agent.testbed.peer import payload

@@ -1,12 +1,12 @@
 """Interception against the real kernel: real programs, real pods (cgroup + netns + veth), real
-TCP. These share one agent (see conftest.py); each test uses its own server port."""
+TCP. These share one agent (see tests/conftest.py); each test uses its own server port."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from conftest import needs_root, start_client, start_server
+from support import needs_root, start_client, start_server
 
 from infertap.agent.flows.records import FlowInfo, Role, Sample
 from infertap.agent.kernel import structs

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import needs_root
+from support import needs_root
 
 from infertap.agent.testbed.v2server import start_in_pod
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol, cast, get_args
 
-from infertap.agent.discovery.cgroups import (
+from infertap.agent.discovery.kubelet_cgroups import (
     QosClass,
     find_container_cgroup,
     find_pod_cgroup,

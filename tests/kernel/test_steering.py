@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import needs_root
+from support import iptables_tables, needs_root
 
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.kernel.steering import Backend, Route, Steering, SteeringError
@@ -125,20 +124,6 @@ def start_backend(pod: Any, port: int, ident: str) -> None:
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
-
-
-def iptables_tables(netns: str | None) -> dict[str, str]:
-    """The nat and filter tables as iptables-save prints them, without comments and counters
-    (which move with any traffic)."""
-    prefix = ["ip", "netns", "exec", netns] if netns else []
-    out = {}
-    for table in ("nat", "filter"):
-        text = subprocess.run(
-            [*prefix, "iptables-save", "-t", table], capture_output=True, text=True, check=True
-        ).stdout
-        lines = [re.sub(r"\[\d+:\d+\]", "", ln) for ln in text.splitlines()]
-        out[table] = "\n".join(ln for ln in lines if not ln.startswith("#"))
-    return out
 
 
 def within(count: int, n: int, p: float, sigmas: float = 4.0) -> bool:

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import needs_root
-from test_kernel_steering import iptables_tables
+from support import iptables_tables, needs_root
 
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.kernel.steering import Steering

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import needs_root
+from support import needs_root
 
 pytestmark = [needs_root, pytest.mark.kernel]
 

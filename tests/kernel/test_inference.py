@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import needs_root, repo_root
+from support import needs_root, repo_root
 from v2_client_script import tensors
 
 from infertap.agent.testbed.v2server import start_in_pod

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import needs_root, start_client, start_server
+from support import needs_root, start_client, start_server
 
 pytestmark = [needs_root, pytest.mark.kernel]
 

@@ -1,0 +1,122 @@
+"""Helpers the tests share (imported as `support`: pytest puts tests/ on the path, never the
+repository root, so `agent`/`cli` cannot be imported as a second copy of the package)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infertap.agent.flows.records import FlowEnd, Sample
+from infertap.agent.models.inference_event import InferenceEvent
+
+IS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="kernel tests need root (CI runs as root)")
+
+
+@dataclass
+class Recorder:
+    """Samples and flow ends seen by the shared agent, in order, collected in-process."""
+
+    samples: list[Sample] = field(default_factory=list)
+    ends: list[FlowEnd] = field(default_factory=list)
+    inferences: list[InferenceEvent] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def on_sample(self, s: Sample) -> None:
+        with self.lock:
+            self.samples.append(s)
+
+    def on_inference(self, e: InferenceEvent) -> None:
+        with self.lock:
+            self.inferences.append(e)
+
+    def on_end(self, e: FlowEnd) -> None:
+        with self.lock:
+            self.ends.append(e)
+
+    def wait_for(self, pred: Callable[[], Any], timeout: float = 10.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                got = pred()
+            if got:
+                return got
+            time.sleep(0.02)
+        raise AssertionError("timed out waiting for the agent to see it")
+
+    def samples_of(self, cookie: int) -> list[Sample]:
+        return [s for s in self.samples if s.cookie == cookie]
+
+    def end_of(self, cookie: int) -> FlowEnd | None:
+        return next((e for e in self.ends if e.flow.cookie == cookie), None)
+
+
+class PeerClient:
+    """Drives `infertap.agent.testbed.peer client` inside a pod, one command at a time."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line == "connected", line
+
+    def cmd(self, text: str) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.cmd("close")
+        self.proc.wait(timeout=10)
+
+
+PEER = [sys.executable, "-m", "infertap.agent.testbed.peer"]
+
+
+def start_server(pod: Any, port: int, echo: bool = False) -> subprocess.Popen[str]:
+    proc: subprocess.Popen[str] = pod.popen(
+        [*PEER, "serve", str(port), *(["--echo"] if echo else [])],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def start_client(pod: Any, host: str, port: int, nonblocking: bool = False) -> PeerClient:
+    argv = [*PEER, "client", host, str(port), *(["--nonblocking"] if nonblocking else [])]
+    proc: subprocess.Popen[str] = pod.popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    return PeerClient(proc)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def iptables_tables(netns: str | None) -> dict[str, str]:
+    """The nat and filter tables as iptables-save prints them, without comments and counters
+    (which move with any traffic)."""
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    out = {}
+    for table in ("nat", "filter"):
+        text = subprocess.run(
+            [*prefix, "iptables-save", "-t", table], capture_output=True, text=True, check=True
+        ).stdout
+        lines = [re.sub(r"\[\d+:\d+\]", "", ln) for ln in text.splitlines()]
+        out[table] = "\n".join(ln for ln in lines if not ln.startswith("#"))
+    return out
