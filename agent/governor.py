@@ -105,7 +105,7 @@ class Governor:
             # (the built-in, observe-only one) every TCP flow is watched, as `run` documents.
             if not a.options.ports and a.options.policy is not None:
                 a.sensor.set_ports(sorted({s.port for s in policy.services}))
-            a.sensor.set_sampling(policy.sampling.sample_bytes, policy.sampling.sample_one_in)
+            a.sensor.set_sampling(*a.options.sampling(policy.sampling))  # flags win
             a.sensor.set_accelerate(a.options.accelerate or policy.acceleration.enabled)
             self._apply_polyfill(policy)  # rules whose client is not found yet are skipped
         self.breaker.reconfigure(policy)

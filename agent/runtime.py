@@ -21,7 +21,6 @@ from infertap.agent.defaults import (
     DEFAULT_API,
     DEFAULT_METRICS,
     DEFAULT_RUN_DIR,
-    DEFAULT_SAMPLE_BYTES,
     parse_host_port,
 )
 from infertap.agent.enforce.verdicts import VerdictStore
@@ -44,7 +43,7 @@ from infertap.agent.mirror.mirror import Mirror
 from infertap.agent.pipeline import Pipeline
 from infertap.agent.pod_labels import PodDirectory
 from infertap.agent.policy.loader import default_policy, load_policy
-from infertap.agent.policy.schema import observe_only
+from infertap.agent.policy.schema import SamplingSpec, observe_only
 from infertap.agent.polyfill.unit import Polyfill
 
 log = logging.getLogger(__name__)
@@ -61,8 +60,10 @@ class AgentOptions:
     api_addr: str | None = DEFAULT_API  # None: no API server
     api_tls_dir: Path | None = None  # ca.pem, server.pem, server-key.pem: required for TCP
     api_allow: tuple[str, ...] = ()  # client identities that may change verdicts; () = any
-    sample_bytes: int = DEFAULT_SAMPLE_BYTES
-    sample_one_in: int = 1
+    # None: not given, so the policy's sampling section decides (its own default when it has
+    # none). A value given here (the `run` flag) wins over the policy, reloads included.
+    sample_bytes: int | None = None
+    sample_one_in: int | None = None
     run_dir: Path = DEFAULT_RUN_DIR
     policy: Path | None = None  # None: the built-in defaults, observing only (never blocking)
     kubernetes: bool = False  # attach to this node's inspected pods as discovery finds them
@@ -71,6 +72,13 @@ class AgentOptions:
     ring_pages: int = 4096
     accelerate: bool = False  # same-node acceleration (off by default; on by flag or policy)
     extra: dict[str, str] = field(default_factory=dict)
+
+    def sampling(self, policy: SamplingSpec) -> tuple[int, int]:
+        """(sample_bytes, sample_one_in) in force: flag given > policy > default."""
+        return (
+            policy.sample_bytes if self.sample_bytes is None else self.sample_bytes,
+            policy.sample_one_in if self.sample_one_in is None else self.sample_one_in,
+        )
 
     @property
     def mode(self) -> str:
@@ -82,10 +90,12 @@ class AgentOptions:
 class Agent:
     def __init__(self, options: AgentOptions) -> None:
         self.options = options
+        policy = load_policy(options.policy) if options.policy else observe_only(default_policy())
+        sample_bytes, sample_one_in = options.sampling(policy.sampling)
         self.sensor = Sensor(
             SensorOptions(
-                sample_bytes=options.sample_bytes,
-                sample_one_in=options.sample_one_in,
+                sample_bytes=sample_bytes,
+                sample_one_in=sample_one_in,
                 ports=options.ports,
                 ring_pages=options.ring_pages,
                 run_dir=options.run_dir,
@@ -109,9 +119,7 @@ class Agent:
         self.pods = PodDirectory(self.sensor.mount)
         self.verdicts = VerdictStore(self.sensor)
         self.mirror = Mirror(self.events, self.registry)  # configured by the governor's apply()
-        self.governor = Governor(
-            self, load_policy(options.policy) if options.policy else observe_only(default_policy())
-        )
+        self.governor = Governor(self, policy)
         self.pipeline = Pipeline(
             self.events,
             self.traffic,

@@ -102,11 +102,25 @@ def run(
     ] = DEFAULT_METRICS,
     api: ApiOpt = DEFAULT_API,
     sample_bytes: Annotated[
-        int, typer.Option(min=0, max=16384, help="Bytes sampled from each message.")
-    ] = DEFAULT_SAMPLE_BYTES,
+        int | None,
+        typer.Option(
+            min=0,
+            max=16384,
+            show_default=False,
+            help="Bytes sampled from each message. Given: wins over the policy's "
+            "sampling.sample_bytes, reloads included; not given: the policy's "
+            f"(default {DEFAULT_SAMPLE_BYTES}).",
+        ),
+    ] = None,
     sample_one_in: Annotated[
-        int, typer.Option(min=0, help="Sample 1 flow in N (1 = all, 0 = none).")
-    ] = 1,
+        int | None,
+        typer.Option(
+            min=0,
+            show_default=False,
+            help="Sample 1 flow in N (1 = all, 0 = none). Given: wins over the policy's "
+            "sampling.sample_one_in; not given: the policy's (default 1).",
+        ),
+    ] = None,
     policy: Annotated[
         Path | None,
         typer.Option(help="Policy file (YAML), reloaded on change; none = observe only."),
@@ -327,6 +341,10 @@ def status(
     out.print(
         f"infertap {st.version}: {'ready' if st.ready else 'starting'}, {st.mode} mode, "
         f"{st.flows_active} flow(s), headers {st.headers}",
+        highlight=False,
+    )
+    out.print(
+        f"  sampling: {st.sample_bytes} bytes of each message, 1 flow in {st.sample_one_in}",
         highlight=False,
     )
     for k, v in sorted(st.kernel_stats.items()):

@@ -83,6 +83,25 @@ class PeerClient:
 
 
 PEER = [sys.executable, "-m", "infertap.agent.testbed.peer"]
+INFERTAP = [sys.executable, "-m", "infertap.cli.main"]
+
+
+def start_agent(
+    cgroups: list[Path], api: Path, extra: list[str] | None = None
+) -> subprocess.Popen[str]:
+    """`infertap run` as a process on these cgroups, returned once it printed its ready line."""
+    argv = [*INFERTAP, "run", "--metrics-addr", "127.0.0.1:0", "--api", f"unix:{api}"]
+    for cg in cgroups:
+        argv += ["--cgroup", str(cg)]
+    argv += extra or []
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("infertap ready:"):
+        proc.wait(timeout=30)
+        err = proc.stderr.read() if proc.stderr else ""
+        raise AssertionError(f"agent did not start: {line!r} {err}")
+    return proc
 
 
 def start_server(pod: Any, port: int, echo: bool = False) -> subprocess.Popen[str]:

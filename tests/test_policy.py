@@ -626,3 +626,15 @@ def test_acceleration_is_off_unless_the_policy_turns_it_on(tmp_path: Path) -> No
     assert on.hash != off.hash
     with pytest.raises(PolicyError, match=r"<policy>:4: acceleration.enabled"):
         load_policy_text(base + "acceleration: {enabled: 3}\n")
+
+
+def test_sampling_precedence_flag_over_policy_over_default() -> None:
+    from infertap.agent.policy.schema import SamplingSpec
+    from infertap.agent.runtime import AgentOptions
+
+    policy = SamplingSpec(sample_bytes=2048, sample_one_in=3)
+    assert AgentOptions().sampling(policy) == (2048, 3)
+    assert AgentOptions().sampling(SamplingSpec()) == (4096, 1)
+    assert AgentOptions(sample_bytes=512).sampling(policy) == (512, 3)
+    assert AgentOptions(sample_one_in=0).sampling(policy) == (2048, 0)
+    assert AgentOptions(sample_bytes=0, sample_one_in=1).sampling(policy) == (0, 1)

@@ -114,6 +114,7 @@ class ControlServicer(pb_grpc.ControlServicer):
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.Status:
         a = self.agent
+        sample_bytes, sample_one_in = a.sensor.sampling() if a.sensor.headers else (0, 0)
         return pb.Status(
             version=__version__,
             ready=a.ready,
@@ -123,6 +124,8 @@ class ControlServicer(pb_grpc.ControlServicer):
             kernel_stats=a.sensor.stats(),
             flows_active=len(a.flows()),
             headers=a.sensor.headers.origin if a.sensor.headers else "",
+            sample_bytes=sample_bytes,
+            sample_one_in=sample_one_in,
         )
 
     def ListFlows(

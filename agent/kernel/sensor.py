@@ -269,6 +269,12 @@ class Sensor:
                 sample_bytes=min(sample_bytes, structs.SAMPLE_MAX), sample_one_in=one_in
             )
 
+    def sampling(self) -> tuple[int, int]:
+        """(sample_bytes, sample_one_in) as the kernel's config map holds them now."""
+        with self._lock:
+            cfg = self.table("itap_config", ct.c_uint32, structs.Config)[ct.c_uint32(0)]
+            return int(cfg.sample_bytes), int(cfg.sample_one_in)
+
     def _update_config(self, **fields: int) -> None:
         table = self.table("itap_config", ct.c_uint32, structs.Config)
         cfg = table[ct.c_uint32(0)]

@@ -7,17 +7,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import needs_root, start_client, start_server
+from support import INFERTAP, needs_root, start_agent, start_client, start_server
 
 pytestmark = [needs_root, pytest.mark.kernel]
-
-INFERTAP = [sys.executable, "-m", "infertap.cli.main"]
 
 
 def attached(cgroup: Path) -> list[dict[str, Any]]:
@@ -26,20 +23,6 @@ def attached(cgroup: Path) -> list[dict[str, Any]]:
         ["bpftool", "-j", "cgroup", "show", str(cgroup)], capture_output=True, text=True, check=True
     ).stdout
     return [p for p in json.loads(out.strip() or "[]") if p.get("name", "").startswith("itap_")]
-
-
-def start_agent(cgroups: list[Path], api: Path) -> subprocess.Popen[str]:
-    argv = [*INFERTAP, "run", "--metrics-addr", "127.0.0.1:0", "--api", f"unix:{api}"]
-    for cg in cgroups:
-        argv += ["--cgroup", str(cg)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("infertap ready:"):
-        proc.wait(timeout=30)
-        err = proc.stderr.read() if proc.stderr else ""
-        raise AssertionError(f"agent did not start: {line!r} {err}")
-    return proc
 
 
 @pytest.fixture(scope="module")
