@@ -14,6 +14,7 @@ packages=(
   iproute2               # ip netns, for test pods
   iptables               # tests assert that infertap leaves the nat table alone
   ruby                   # tests/test_manifests.py checks the Vagrantfile with `ruby -c`
+  prometheus             # promtool unit-tests the alert and recording rules; a real server in the demo
 )
 if [ "${1:-}" = "bench" ]; then
   packages+=(sockperf iperf3 haproxy)

@@ -72,7 +72,12 @@ DEFAULT_COLLECTOR_METRICS: dict[str, MetricSpec] = {
     "process_resident_memory_bytes": MetricSpec("gauge", ()),
 }
 
-ALL_METRICS: dict[str, MetricSpec] = {**METRICS, **DEFAULT_COLLECTOR_METRICS}
+# Written by Prometheus itself for every scrape target (1: the last scrape worked, 0: it failed).
+SCRAPE_METRICS: dict[str, MetricSpec] = {
+    "up": MetricSpec("gauge", ()),
+}
+
+ALL_METRICS: dict[str, MetricSpec] = {**METRICS, **DEFAULT_COLLECTOR_METRICS, **SCRAPE_METRICS}
 
 CIRCUIT_CLOSED = 0
 CIRCUIT_HALF_OPEN = 1
