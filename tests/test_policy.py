@@ -230,6 +230,8 @@ def test_hash_changes_with_content() -> None:
 
 # --- errors: one line each, naming file, line and field ----------------------------------------
 
+RE2_HINT = " (custom patterns run on RE2, a linear-time engine: no lookarounds or backreferences)"
+
 BAD_THRESHOLD = textwrap.dedent(
     """\
     version: 1
@@ -291,7 +293,12 @@ BAD_THRESHOLD = textwrap.dedent(
         (
             "version: 1\npii:\n  custom:\n    badge: 'EMP-(\\d+'\n",
             "badge",
-            "pii.custom.badge: bad regex: missing ), unterminated subpattern at position 4",
+            "pii.custom.badge: bad regex: missing ): EMP-(\\d+" + RE2_HINT,
+        ),
+        (  # a lookbehind needs backtracking: refused, not run on a backtracking engine
+            "version: 1\npii:\n  custom:\n    badge: '(?<!\\w)EMP-\\d+'\n",
+            "badge",
+            "pii.custom.badge: bad regex: invalid perl operator: (?<!" + RE2_HINT,
         ),
         (
             "version: 1\npii:\n  custom:\n    anything: '.*'\n",

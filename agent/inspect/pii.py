@@ -6,7 +6,10 @@ How a scan works: one combined regex (every built-in type's candidate pattern as
 alternative) finds candidates in a single pass over the text; each candidate is then validated
 by its type's rules (Luhn, mod-97, SSN ranges, `ipaddress`, ...). A candidate that fails its
 type's rules is tried against the lower-priority types at the same position, so an invalid SSN
-can still be a valid phone number. Custom regexes run as one extra pass each.
+can still be a valid phone number. Custom regexes run as one extra pass each, on RE2 (a
+linear-time engine): they come from policy files, and under Python's backtracking `re` one such
+pattern (`(a+)+$`) held the reader for seconds on a 25-byte request. RE2 has no lookarounds and
+no backreferences; `compile_custom` refuses patterns that need them.
 
 Raw values never leave this module: a match or finding carries the type, the position, a short
 redacted hint (`j***@e***.com`, `***-**-6789`, `************1111`) and a keyed fingerprint
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
+import re2  # type: ignore[import-untyped]
 
 from infertap.agent.inspect.findings import Finding, Severity
 from infertap.agent.models.inference_event import InferenceEvent
@@ -267,6 +271,26 @@ def _redact(kind: str, raw: str) -> str:
     return f"<{len(raw)} chars>"  # custom types: nothing about the value but its length
 
 
+# --- custom patterns ----------------------------------------------------------------------------
+
+_RE2_OPTIONS: Final = re2.Options()
+_RE2_OPTIONS.log_errors = False  # errors are raised, with the pattern, not printed to stderr
+
+
+def compile_custom(pattern: str) -> Any:
+    """A custom PII regex compiled with RE2: matching time is linear in the text, whatever the
+    pattern. Raises ValueError ("bad regex: ...") for a pattern RE2 does not accept, which
+    includes lookarounds and backreferences (they need backtracking)."""
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as e:
+        reason = e.args[0].decode("utf-8", "replace") if e.args else str(e)
+        raise ValueError(
+            f"bad regex: {reason} (custom patterns run on RE2, a linear-time engine: no"
+            " lookarounds or backreferences)"
+        ) from None
+
+
 # --- scanner -------------------------------------------------------------------------------------
 
 
@@ -286,7 +310,8 @@ class PiiScanner:
 
     `secret` keys the fingerprints (HMAC-SHA256); give each agent its own and keep it stable to
     count repeats across restarts. Without one, a random per-process secret is made.
-    `custom` maps a type name to a regex (string or compiled); its whole match is the value.
+    `custom` maps a type name to a regex (compiled with RE2, see compile_custom); its whole
+    match is the value.
     `types` restricts the built-in types scanned (default: all).
     """
 
@@ -296,7 +321,7 @@ class PiiScanner:
         self,
         *,
         secret: bytes | None = None,
-        custom: Mapping[str, str | re.Pattern[str]] | None = None,
+        custom: Mapping[str, str] | None = None,
         types: Iterable[str] | None = None,
         severity: Mapping[str, Severity] | None = None,
         max_chars: int = DEFAULT_MAX_CHARS,
@@ -309,17 +334,16 @@ class PiiScanner:
         if unknown:
             raise ValueError(f"unknown PII types: {', '.join(sorted(unknown))}")
         self._types = chosen
-        self._custom: dict[str, re.Pattern[str]] = {}
+        self._custom: dict[str, Any] = {}  # name -> RE2 pattern
         for name, pattern in (custom or {}).items():
             if name in BUILTIN_TYPES or not _IDENT.fullmatch(name):
                 raise ValueError(
                     f"custom PII type name {name!r} is a built-in or not an identifier"
                 )
             try:
-                compiled = re.compile(pattern) if isinstance(pattern, str) else pattern
-            except re.error as e:
-                raise ValueError(f"custom PII type {name!r}: bad regex: {e}") from None
-            self._custom[name] = compiled
+                self._custom[name] = compile_custom(pattern)
+            except ValueError as e:
+                raise ValueError(f"custom PII type {name!r}: {e}") from None
         self._severity: dict[str, Severity] = {**DEFAULT_SEVERITY, **(severity or {})}
         self._max_chars = max_chars
 

@@ -24,7 +24,7 @@ import yaml
 from infertap.agent.discovery.pod_watch import LabelSelector, Requirement
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.inspect.drift import Thresholds
-from infertap.agent.inspect.pii import BUILTIN_TYPES
+from infertap.agent.inspect.pii import BUILTIN_TYPES, compile_custom
 from infertap.agent.kernel.steering import MAX_BACKENDS, MAX_TOTAL_WEIGHT, Backend, Route
 from infertap.agent.kernel.structs import SAMPLE_MAX
 from infertap.agent.mirror.spec import MirrorSpec
@@ -441,9 +441,9 @@ def _pii(r: _Reader, node: YNode, path: str) -> PiiSpec:
             if pattern is None:
                 continue
             try:
-                compiled = re.compile(pattern)
-            except re.error as e:
-                r.error(value.line, npath, f"bad regex: {e}")
+                compiled = compile_custom(pattern)  # RE2: the scanner's engine
+            except ValueError as e:
+                r.error(value.line, npath, str(e))
                 continue
             if compiled.fullmatch(""):
                 r.error(value.line, npath, "bad regex: it matches the empty string")
