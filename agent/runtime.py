@@ -161,6 +161,13 @@ class Agent:
             raise
 
     def _start(self) -> None:
+        if self.options.metrics_addr:
+            # Bound first: a taken port (any local user can take one) fails before anything is
+            # loaded or attached, with one line naming who holds it.
+            host, port = parse_host_port(self.options.metrics_addr, "--metrics-addr")
+            self.metrics = MetricsServer(
+                self.registry, host, port, lambda: self.ready, self.healthy
+            )
         self.sensor.start()
         if self.steering is not None:
             self.steering.start()  # before the policy is applied: it sets the routes
@@ -191,11 +198,7 @@ class Agent:
                 self.engine.drift_values, lambda: self.circuit_states(), lambda: self.policy_hash
             )
         )
-        if self.options.metrics_addr:
-            host, port = parse_host_port(self.options.metrics_addr, "--metrics-addr")
-            self.metrics = MetricsServer(
-                self.registry, host, port, lambda: self.ready, self.healthy
-            )
+        if self.metrics is not None:
             self.metrics.start()
         if self.options.api_addr:
             from infertap.agent.api.server import ApiServer

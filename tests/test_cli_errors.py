@@ -101,8 +101,44 @@ def test_metrics_port_in_use_fails_cleanly(lab: object, tmp_path: Path) -> None:
             "--metrics-addr",
             f"127.0.0.1:{port}",
         )
-    assert_one_clear_line(r, 1, "address already in use")
+    assert_one_clear_line(r, 1, f"127.0.0.1:{port} is already in use by pid {os.getpid()}")
     assert ours() == before  # the failed agent detached what it had attached
+
+
+@pytest.mark.skipif(not IS_ROOT or shutil.which("setpriv") is None, reason="needs root to drop it")
+def test_metrics_port_taken_by_another_user_names_the_owner(tmp_path: Path) -> None:
+    """Any local user can bind 127.0.0.1:9464 before the agent: `run` then fails with one line
+    naming who holds the port (from /proc/net/tcp and /proc/*/fd), before it loads anything."""
+    squatter = subprocess.Popen(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            "import socket, sys\n"
+            "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+            "print(s.getsockname()[1], flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert squatter.stdout is not None
+        port = int(squatter.stdout.readline())
+        name = Path(f"/proc/{squatter.pid}/comm").read_text().strip()  # setpriv exec'd python
+        r = run("run", "--api", f"unix:{tmp_path}/a.sock", "--metrics-addr", f"127.0.0.1:{port}")
+    finally:
+        assert squatter.stdin is not None
+        squatter.stdin.close()
+        squatter.wait(timeout=10)
+    assert_one_clear_line(
+        r, 1, f"127.0.0.1:{port} is already in use by pid {squatter.pid} ({name}, uid 65534)"
+    )
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "ready" not in r.stdout  # it never got as far as attaching
 
 
 @pytest.mark.skipif(not IS_ROOT or shutil.which("setpriv") is None, reason="needs root to drop it")

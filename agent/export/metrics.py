@@ -7,6 +7,7 @@ and status code.
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -20,6 +21,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import Collector
 
 from infertap.agent.export.metric_names import POD_LABELS
+from infertap.agent.export.port_owner import PortInUse, port_owner
 from infertap.agent.flows.records import FlowInfo
 
 # `_created` series double the series count and no dashboard or alert uses them.
@@ -279,7 +281,11 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class MetricsServer:
-    """/metrics for Prometheus, plus /ready and /healthz for the DaemonSet's probes."""
+    """/metrics for Prometheus, plus /ready and /healthz for the DaemonSet's probes.
+
+    Binds when made (raising PortInUse, naming the owner, when the port is taken) and serves
+    from start(): the agent makes it before loading anything, so a taken port costs nothing.
+    """
 
     def __init__(
         self,
@@ -303,9 +309,15 @@ class MetricsServer:
                     return [b"ok\n" if ok else b"not ready\n"]
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
-        self._server = make_server(
-            host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler
-        )
+        try:
+            self._server = make_server(
+                host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler
+            )
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise PortInUse(shown, port_owner(port)) from None
         self.port = self._server.server_port
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics", daemon=True
@@ -315,5 +327,6 @@ class MetricsServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():  # shutdown() waits for serve_forever: only if it runs
+            self._server.shutdown()
         self._server.server_close()
