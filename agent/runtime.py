@@ -195,7 +195,10 @@ class Agent:
         )
         self.registry.register(
             ModelStateCollector(
-                self.engine.drift_values, lambda: self.circuit_states(), lambda: self.policy_hash
+                self.engine.drift_values,
+                lambda: self.circuit_states(),
+                lambda: self.policy_hash,
+                self.engine.bin_values,
             )
         )
         if self.metrics is not None:

@@ -139,3 +139,60 @@ def iptables_tables(netns: str | None) -> dict[str, str]:
         lines = [re.sub(r"\[\d+:\d+\]", "", ln) for ln in text.splitlines()]
         out[table] = "\n".join(ln for ln in lines if not ln.startswith("#"))
     return out
+
+
+# --- Prometheus rules through promtool (Debian's prometheus package) ---------------------------
+
+RULES_DIR = Path(__file__).resolve().parent.parent / "daemonset" / "prometheus"
+PROMTOOL_TESTS = Path(__file__).resolve().parent / "promtool"
+
+
+def promtool() -> str:
+    import shutil
+
+    path = shutil.which("promtool")
+    assert path, "promtool not found: install Debian's prometheus (scripts/system-deps.sh)"
+    return path
+
+
+def rule_files() -> dict[str, dict[str, Any]]:
+    """<name>.rules.yaml -> the plain rule file (`spec`) of each PrometheusRule in
+    daemonset/prometheus/, which is what Prometheus and promtool read."""
+    import yaml
+
+    out = {}
+    for path in sorted(RULES_DIR.glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        assert doc["kind"] == "PrometheusRule", path
+        out[f"{path.stem}.rules.yaml"] = doc["spec"]
+    return out
+
+
+def write_rules(directory: Path, change: dict[str, str] | None = None) -> list[Path]:
+    """Rule files into directory; `change` replaces text in them (mutation tests)."""
+    import yaml
+
+    written = []
+    for name, spec in rule_files().items():
+        text = yaml.safe_dump(spec, sort_keys=False)
+        for old, new in (change or {}).items():
+            text = text.replace(old, new)
+        (directory / name).write_text(text)
+        written.append(directory / name)
+    return written
+
+
+def run_promtool(directory: Path, test_file: str) -> subprocess.CompletedProcess[str]:
+    """`promtool test rules test_file` in directory (copied from tests/promtool/ if not there)."""
+    import shutil
+
+    if not (directory / test_file).exists():
+        shutil.copy(PROMTOOL_TESTS / test_file, directory / test_file)
+    return subprocess.run(
+        [promtool(), "test", "rules", test_file],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )

@@ -8,55 +8,12 @@ to copies of the tests, and promtool runs them. promtool is Debian's `prometheus
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-RULES = ROOT / "daemonset" / "prometheus"
-PROMTOOL_TESTS = Path(__file__).resolve().parent / "promtool"
-
-
-def promtool() -> str:
-    path = shutil.which("promtool")
-    assert path, "promtool not found: install Debian's prometheus (scripts/system-deps.sh)"
-    return path
-
-
-def rule_files() -> dict[str, dict[str, Any]]:
-    """<name>.rules.yaml -> the plain rule file of each PrometheusRule in daemonset/prometheus/."""
-    out = {}
-    for path in sorted(RULES.glob("*.yaml")):
-        doc = yaml.safe_load(path.read_text())
-        assert doc["kind"] == "PrometheusRule", path
-        out[f"{path.stem}.rules.yaml"] = doc["spec"]
-    return out
-
-
-def write_rules(directory: Path, change: dict[str, str] | None = None) -> None:
-    """Rule files into directory; `change` replaces text in the rendered rules (mutation tests)."""
-    for name, spec in rule_files().items():
-        text = yaml.safe_dump(spec, sort_keys=False)
-        for old, new in (change or {}).items():
-            text = text.replace(old, new)
-        (directory / name).write_text(text)
-
-
-def run_promtool(directory: Path, test_file: str) -> subprocess.CompletedProcess[str]:
-    shutil.copy(PROMTOOL_TESTS / test_file, directory / test_file)
-    return subprocess.run(
-        [promtool(), "test", "rules", test_file],
-        cwd=directory,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
+from support import PROMTOOL_TESTS, promtool, rule_files, run_promtool, write_rules
 
 TEST_FILES = sorted(p.name for p in PROMTOOL_TESTS.glob("*_test.yaml"))
 
@@ -87,16 +44,18 @@ def test_a_changed_threshold_fails_the_alert_tests(tmp_path: Path) -> None:
     # the case that has to fire fail, and so must opening the circuit alert to half-open.
     for change in ({"> 0.01": "> 0.03"}, {"== 2": ">= 1"}):
         write_rules(tmp_path, change)
+        (tmp_path / "alerts_test.yaml").unlink(missing_ok=True)
         result = run_promtool(tmp_path, "alerts_test.yaml")
         assert result.returncode != 0, f"{change}: promtool still passes"
         assert "FAILED" in result.stdout + result.stderr
 
 
 def test_every_alert_is_tested_firing_and_silent() -> None:
+    # recording-rules.yaml's cluster drift alert is tested on generated series, firing and
+    # silent, in test_cluster_drift_rules.py.
     alerts = {
         rule["alert"]
-        for spec in rule_files().values()
-        for group in spec["groups"]
+        for group in rule_files()["alerts.rules.yaml"]["groups"]
         for rule in group["rules"]
         if "alert" in rule
     }

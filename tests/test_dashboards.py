@@ -24,6 +24,7 @@ from infertap.agent.export.metric_names import ALL_METRICS, series_names
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "daemonset" / "grafana" / "infertap-dashboard.json"
 ALERTS = ROOT / "daemonset" / "prometheus" / "alerts.yaml"
+RECORDING = ROOT / "daemonset" / "prometheus" / "recording-rules.yaml"
 POLICY = ROOT / "daemonset" / "base" / "policy.yaml"
 
 RANGE_FUNCTIONS = {"rate", "irate", "increase"}
@@ -85,8 +86,28 @@ def alert_rules() -> list[dict[str, Any]]:
     return [rule for group in doc["spec"]["groups"] for rule in group["rules"]]
 
 
+def recording_file_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load(RECORDING.read_text())
+    return [rule for group in doc["spec"]["groups"] for rule in group["rules"]]
+
+
+def recorded_series() -> dict[str, frozenset[str]]:
+    """Series the recording rules write, with the labels they keep: by Prometheus' naming
+    convention level:metric:operations, the level names them (model_feature_bin: model, feature,
+    bin), and the rule's outermost aggregation must keep exactly those."""
+    out = {}
+    for rule in recording_file_rules():
+        if "record" in rule:
+            level = rule["record"].split(":")[0]
+            out[rule["record"]] = frozenset(level.split("_")) - {""}
+    return out
+
+
 def all_expressions() -> list[tuple[str, str]]:
     rules = [(f"alert {r['alert']}", str(r["expr"])) for r in alert_rules()]
+    for r in recording_file_rules():
+        kind, name = ("record", r["record"]) if "record" in r else ("alert", r["alert"])
+        rules.append((f"{kind} {name}", str(r["expr"])))
     return dashboard_expressions() + rules
 
 
@@ -158,9 +179,14 @@ EXPRESSIONS = all_expressions()
 @pytest.mark.parametrize(("where", "expr"), EXPRESSIONS, ids=[w for w, _ in EXPRESSIONS])
 def test_expression_uses_only_exported_metrics(where: str, expr: str) -> None:
     names = series_names()
+    recorded = recorded_series()
     found = uses(expr)
     assert found, f"{where}: no metric in {expr!r}"
     for use in found:
+        if use.series in recorded:  # a recording rule's output: a gauge with the level's labels
+            assert use.range_function is None, f"{where}: {use.series} is recorded, not a counter"
+            assert use.labels <= recorded[use.series] | TARGET_LABELS, where
+            continue
         assert use.series in names, f"{where}: {use.series} is not in metric_names.py"
         metric = names[use.series]
         spec = ALL_METRICS[metric]
@@ -177,8 +203,45 @@ def test_expression_uses_only_exported_metrics(where: str, expr: str) -> None:
 
 
 def test_dashboard_covers_every_infertap_metric() -> None:
-    used = {series_names()[u.series] for _, expr in EXPRESSIONS for u in uses(expr)}
+    recorded = recorded_series()
+    used = {
+        series_names()[u.series]
+        for _, expr in EXPRESSIONS
+        for u in uses(expr)
+        if u.series not in recorded
+    }
     assert used == set(ALL_METRICS)
+
+
+def test_recorded_series_keep_the_labels_their_names_promise() -> None:
+    for rule in recording_file_rules():
+        if "record" not in rule:
+            continue
+        labels = recorded_series()[rule["record"]]
+        assert labels, rule["record"]
+        expr = pq.parse(rule["expr"])
+        # Down to the outermost aggregation: through sqrt(clamp_min(...)), parentheses, and the
+        # left side of binary operators (`a / on (...) group_left () b` keeps a's labels).
+        while isinstance(expr, pq.Call | pq.ParenExpr | pq.BinaryExpr):
+            if isinstance(expr, pq.Call):
+                expr = expr.args[0]
+            elif isinstance(expr, pq.ParenExpr):
+                expr = expr.expr
+            else:
+                expr = expr.lhs
+        if isinstance(expr, pq.AggregateExpr):
+            assert expr.modifier is not None, rule["record"]
+            assert set(expr.modifier.labels) == labels, rule["record"]
+        else:  # a recorded series used as it stands
+            assert isinstance(expr, pq.VectorSelector), rule["record"]
+            assert expr.name in recorded_series(), rule["record"]
+
+
+def test_dashboard_shows_the_cluster_wide_drift() -> None:
+    exprs = " ".join(e for _, e in dashboard_expressions())
+    for record in recorded_series():
+        if record.startswith("model_feature:"):
+            assert record in exprs, f"no panel shows {record}"
 
 
 # --- Dashboard shape --------------------------------------------------------------------------
@@ -228,6 +291,8 @@ def test_dashboard_panels() -> None:
     for panel in panels:
         for target in panel.get("targets", []):
             for use in uses(grafana_to_promql(target["expr"])):
+                if use.series in recorded_series():
+                    continue  # per model and feature: no pod label
                 spec = ALL_METRICS[series_names()[use.series]]
                 if "pod" in spec.labels:
                     assert {"namespace", "pod"} <= use.labels, panel["title"]

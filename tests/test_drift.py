@@ -286,3 +286,34 @@ def test_real_data_one_input_per_feature(cancer: tuple[Baseline, FloatArray, lis
         inputs = {n: shifted[i : i + 15, k].reshape(-1, 1) for k, n in enumerate(names)}
         alerted |= {f.location for f in mon.observe(_event(inputs)) if f.severity == "alert"}
     assert alerted == {"mean smoothness"}
+
+
+def test_bins_count_every_value_seen_in_the_baselines_bins(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    b, mon = _monitor_for(rng.normal(size=(2000, 1)), tmp_path, ["x"], window=100)
+    fx = b.feature("x")
+    assert isinstance(fx, NumericFeature)
+    assert mon.bins()["x"].seen == (0,) * (len(fx.edges) + 1)  # every bin exported from the start
+    stream = rng.normal(1.0, 1.0, 450)
+    for i in range(0, 450, 30):
+        mon.observe(_event({"x": stream[i : i + 30]}))
+    mon.observe(_event({"x": np.array([np.nan, np.inf])}))  # not counted: not in any bin
+    bins = mon.bins()["x"]
+    # Every value since the start, not only the 100-value window, binned as the baseline was.
+    assert bins.seen == tuple(_bins_direct(list(fx.edges), stream.tolist()))
+    assert bins.baseline_share == pytest.approx([c / sum(fx.counts) for c in fx.counts])
+    assert sum(bins.baseline_share) == pytest.approx(1.0)
+
+
+def test_categorical_bins_are_the_categories_then_other(tmp_path: Path) -> None:
+    csv = tmp_path / "t.csv"
+    csv.write_text("color\n" + "red\n" * 6 + "green\n" * 3 + "blue\n")
+    b = build_baseline(csv, "m", tmp_path / "b.json")
+    mon = DriftMonitor(b, DriftConfig(window=10))
+    mon.observe(_event({"color": np.array(["green", "purple", "red", "green"], dtype=object)}))
+    bins = mon.bins()["color"]
+    fc = b.feature("color")
+    assert not isinstance(fc, NumericFeature)
+    seen = dict(zip([*fc.categories, "(other)"], bins.seen, strict=True))
+    assert seen == {"red": 1, "green": 2, "blue": 0, "(other)": 1}
+    assert bins.baseline_share == pytest.approx([0.6, 0.3, 0.1, 0.0])

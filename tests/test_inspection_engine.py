@@ -53,3 +53,15 @@ def test_a_feature_list_limits_findings_and_gauges(tmp_path: Path) -> None:
     found, gauged = run(tmp_path, ("amount",))
     assert found == {"amount"}
     assert gauged == {"amount"}
+
+
+def test_bin_counters_follow_the_feature_list(tmp_path: Path) -> None:
+    baseline = Baseline.load(fraud_baseline(tmp_path))
+    models = {"fraud": ModelInspection(baseline, DriftConfig(window=200), features=("amount",))}
+    engine = InspectionEngine(InspectionConfig(pii_enabled=False, models=models))
+    events = drifted_events(10)
+    for ev in events:
+        engine.inspect(ev)
+    bins = engine.bin_values()
+    assert set(bins) == {("fraud", "amount")}  # the same features as the drift gauge
+    assert sum(bins[("fraud", "amount")].seen) == 4 * len(events)

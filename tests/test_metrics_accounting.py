@@ -8,8 +8,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from infertap.agent.export.event_hub import AgentEvent, EventHub
 from infertap.agent.export.metric_names import METRICS
-from infertap.agent.export.metrics import FlowAccounting, KernelCollector, TrafficMetrics
+from infertap.agent.export.metrics import (
+    MAX_BIN_SERIES_PER_MODEL,
+    FlowAccounting,
+    KernelCollector,
+    ModelStateCollector,
+    TrafficMetrics,
+)
 from infertap.agent.flows.records import Endpoint, FlowInfo, Role
+from infertap.agent.inspect.drift import FeatureBins
 
 POD = ("", "/pod-a")
 
@@ -93,3 +100,24 @@ def test_a_slow_subscriber_loses_its_oldest_events_and_never_blocks() -> None:
     threading.Thread(target=waiter).start()
     hub.close()
     assert done.wait(2.0)
+
+
+def test_bin_counters_and_baseline_shares_are_served_bounded() -> None:
+    reg = CollectorRegistry()
+    bins = {
+        ("fraud", "amount"): FeatureBins((0.5, 0.25, 0.25), (7, 0, 3)),
+        ("fraud", "hour"): FeatureBins((1.0,), (10,)),
+    }
+    reg.register(ModelStateCollector(dict, dict, lambda: "h", lambda: bins))
+    text = generate_latest(reg).decode()
+    assert 'infertap_feature_bin_total{bin="0",feature="amount",model="fraud"} 7.0' in text
+    assert 'infertap_feature_bin_total{bin="1",feature="amount",model="fraud"} 0.0' in text
+    assert 'infertap_feature_baseline_share{bin="2",feature="amount",model="fraud"} 0.25' in text
+    assert 'infertap_feature_bin_total{bin="0",feature="hour",model="fraud"} 10.0' in text
+    # A model's features x bins are capped: past the cap, further features are left out.
+    wide = {("m", f"f{i:04d}"): FeatureBins((0.1,) * 10, (1,) * 10) for i in range(300)}
+    reg = CollectorRegistry()
+    reg.register(ModelStateCollector(dict, dict, lambda: "h", lambda: wide))
+    text = generate_latest(reg).decode()
+    served = text.count("infertap_feature_bin_total{")
+    assert served == MAX_BIN_SERIES_PER_MODEL

@@ -55,6 +55,11 @@ METRICS: dict[str, MetricSpec] = {
     ),
     # Model-level state, aggregated over every pod serving the model.
     "infertap_feature_drift": MetricSpec("gauge", ("model", "feature", "stat")),
+    # Live values per baseline bin (counter) and the baseline's share of each bin (gauge), per
+    # watched model and feature: summed over agents by daemonset/prometheus/recording-rules.yaml
+    # into cluster-wide PSI and JS. Bins are numbered from 0 in the baseline's order.
+    "infertap_feature_bin_total": MetricSpec("counter", ("model", "feature", "bin")),
+    "infertap_feature_baseline_share": MetricSpec("gauge", ("model", "feature", "bin")),
     "infertap_pii_findings_total": MetricSpec("counter", (*POD_LABELS, "model", "type")),
     # 0 closed, 1 half-open, 2 open.
     "infertap_circuit_state": MetricSpec("gauge", ("model",)),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from infertap.agent.export.metric_names import POD_LABELS
 from infertap.agent.export.port_owner import PortInUse, port_owner
 from infertap.agent.flows.records import FlowInfo
+from infertap.agent.inspect.drift import FeatureBins
 
 # `_created` series double the series count and no dashboard or alert uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -238,18 +239,23 @@ class InferenceMetrics:
         self.pii.labels(*pod, self.model_label(model), pii_type[:40]).inc()
 
 
+MAX_BIN_SERIES_PER_MODEL = 2000  # features x bins of one model's bin counters, at most
+
+
 class ModelStateCollector(Collector):
-    """Drift values, circuit states and the policy hash, read at scrape time."""
+    """Drift values and bin counts, circuit states and the policy hash, read at scrape time."""
 
     def __init__(
         self,
         drift: Callable[[], dict[tuple[str, str, str], float]],
         circuits: Callable[[], dict[str, int]],
         policy_hash: Callable[[], str],
+        bins: Callable[[], Mapping[tuple[str, str], FeatureBins]] = dict,
     ) -> None:
         self._drift = drift
         self._circuits = circuits
         self._policy_hash = policy_hash
+        self._bins = bins
 
     def collect(self) -> Iterator[Metric]:
         d = GaugeMetricFamily(
@@ -260,6 +266,7 @@ class ModelStateCollector(Collector):
         for (model, feature, stat), value in sorted(self._drift().items()):
             d.add_metric([model, feature, stat], value)
         yield d
+        yield from self._bin_metrics()
         c = GaugeMetricFamily(
             "infertap_circuit_state",
             "Circuit breaker per model: 0 closed, 1 half-open, 2 open.",
@@ -273,6 +280,32 @@ class ModelStateCollector(Collector):
         )
         p.add_metric([self._policy_hash() or "none"], 1)
         yield p
+
+    def _bin_metrics(self) -> Iterator[Metric]:
+        """Per model, feature and baseline bin: live values counted (a counter, so Prometheus can
+        sum a model's traffic over every node's agent) and the baseline's share (a gauge). Bins
+        are the baseline's, so the series are bounded by features x bins; past
+        MAX_BIN_SERIES_PER_MODEL a model's further features are left out."""
+        counts = CounterMetricFamily(
+            "infertap_feature_bin_total",
+            "Live feature values per baseline bin since the agent (or policy) started.",
+            labels=("model", "feature", "bin"),
+        )
+        shares = GaugeMetricFamily(
+            "infertap_feature_baseline_share",
+            "The training baseline's share of each feature bin.",
+            labels=("model", "feature", "bin"),
+        )
+        used: dict[str, int] = {}
+        for (model, feature), fb in sorted(self._bins().items()):
+            if used.get(model, 0) + len(fb.seen) > MAX_BIN_SERIES_PER_MODEL:
+                continue
+            used[model] = used.get(model, 0) + len(fb.seen)
+            for i, (share, seen) in enumerate(zip(fb.baseline_share, fb.seen, strict=True)):
+                counts.add_metric([model, feature, str(i)], seen)
+                shares.add_metric([model, feature, str(i)], share)
+        yield counts
+        yield shares
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -12,7 +12,10 @@ A feature is judged once its window holds `min_samples` values, then again after
 `evaluate_every` new values. A Finding is produced whenever a (feature, statistic) pair changes
 level: up to warn or alert, or back under its thresholds (severity "info"). `current()` and
 `metrics()` expose the latest values for export (metric infertap_feature_drift{model,feature,
-stat}). Everything per value is numpy; Python loops run over features, never values.
+stat}). `bins()` gives, per feature, the baseline's share of each bin and every live value counted
+into the same bins since the start (metric infertap_feature_bin_total), which Prometheus sums over
+the agents of a model's nodes for cluster-wide PSI and JS (daemonset/prometheus/
+recording-rules.yaml). Everything per value is numpy; Python loops run over features, never values.
 """
 
 from __future__ import annotations
@@ -101,6 +104,16 @@ class FeatureDrift:
         return {k: v for k, v in out.items() if v is not None}
 
 
+@dataclass(frozen=True, slots=True)
+class FeatureBins:
+    """One feature over the baseline's bins (numeric bins in edge order; categorical: the
+    baseline's categories, then "other"). Agents on many nodes export these so Prometheus can
+    merge their counts and compute the drift of a model's whole traffic (the bin counters)."""
+
+    baseline_share: tuple[float, ...]  # the baseline's share of each bin (sums to 1)
+    seen: tuple[int, ...]  # live values that fell in each bin since the monitor started
+
+
 # --- statistics ----------------------------------------------------------------------------------
 
 
@@ -173,12 +186,14 @@ class _NumericTracker:
         self.expected = np.asarray(f.counts, dtype=np.float64)
         self.sketch = np.asarray(f.quantiles, dtype=np.float64)
         self.window = _Window(window, np.float64)
+        self.seen = np.zeros(len(self.expected), dtype=np.int64)  # every value ever, per bin
 
     def add(self, values: npt.NDArray[Any]) -> int:
         """Add finite values; returns how many were dropped as NaN/inf."""
         v = np.asarray(values, dtype=np.float64)
         finite = v[np.isfinite(v)]
         self.window.extend(finite)
+        self.seen += bin_counts(self.edges, finite)
         return len(v) - len(finite)
 
     def judge(self, epsilon: float) -> tuple[float | None, float | None, float | None]:
@@ -196,6 +211,7 @@ class _CategoricalTracker:
         self.other = len(f.categories)  # code of the "other" bucket
         self.expected = np.asarray([*f.counts, f.other_count], dtype=np.float64)
         self.window = _Window(window, np.int64)
+        self.seen = np.zeros(len(self.expected), dtype=np.int64)  # every value ever, per bin
 
     def add(self, values: npt.NDArray[Any]) -> int:
         v = np.asarray(values).astype(str)
@@ -205,6 +221,7 @@ class _CategoricalTracker:
             hit = self.sorted[i] == v
             codes[hit] = self.codes[i[hit]]
         self.window.extend(codes)
+        self.seen += np.bincount(codes, minlength=len(self.expected))
         return 0
 
     def judge(self, epsilon: float) -> tuple[float | None, float | None, float | None]:
@@ -305,6 +322,15 @@ class DriftMonitor:
     def current(self) -> dict[str, FeatureDrift]:
         """The latest judgement per feature (features not judged yet are absent)."""
         return dict(self._current)
+
+    def bins(self) -> dict[str, FeatureBins]:
+        """Per feature: the baseline's share and every live value seen so far, per bin."""
+        out: dict[str, FeatureBins] = {}
+        for name, tracker in self._trackers.items():
+            total = tracker.expected.sum()
+            shares = tracker.expected / total if total > 0 else tracker.expected
+            out[name] = FeatureBins(tuple(shares.tolist()), tuple(tracker.seen.tolist()))
+        return out
 
     def metrics(self) -> dict[tuple[str, str], float]:
         """(feature, stat) -> latest value: the infertap_feature_drift gauge for this model."""

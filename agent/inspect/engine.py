@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from infertap.agent.inspect.baseline import Baseline
-from infertap.agent.inspect.drift import DriftConfig, DriftMonitor
+from infertap.agent.inspect.drift import DriftConfig, DriftMonitor, FeatureBins
 from infertap.agent.inspect.findings import Finding
 from infertap.agent.inspect.pii import PiiScanner
 from infertap.agent.inspect.schema import SchemaChecker, SchemaConfig
@@ -97,4 +97,17 @@ class InspectionEngine:
             for (feature, stat), value in mon.metrics().items():
                 if model not in watched or feature in watched[model]:
                     out[(model, feature, stat)] = value
+        return out
+
+    def bin_values(self) -> dict[tuple[str, str], FeatureBins]:
+        """(model, feature) -> baseline shares and live counts per bin, for the bin counters;
+        the same models and features as drift_values()."""
+        with self._lock:
+            monitors = dict(self._drift)
+            watched = dict(self._watched)
+        out: dict[tuple[str, str], FeatureBins] = {}
+        for model, mon in monitors.items():
+            for feature, bins in mon.bins().items():
+                if model not in watched or feature in watched[model]:
+                    out[(model, feature)] = bins
         return out
