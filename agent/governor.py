@@ -8,11 +8,13 @@ import logging
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from infertap.agent.enforce.breaker import CircuitBreaker, CircuitEvent
 from infertap.agent.export.event_hub import AgentEvent
+from infertap.agent.export.tracing_spec import TracingSpec
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.inspect.baseline import Baseline, BaselineError
 from infertap.agent.inspect.engine import InspectionConfig, ModelInspection
@@ -108,10 +110,21 @@ class Governor:
             a.sensor.set_sampling(*a.options.sampling(policy.sampling))  # flags win
             a.sensor.set_accelerate(a.options.accelerate or policy.acceleration.enabled)
             self._apply_polyfill(policy)  # rules whose client is not found yet are skipped
+        a.tracer.configure(self.tracing_spec(policy))
         self.breaker.reconfigure(policy)
         self.policy = policy
         a.policy_hash = policy.hash
         log.info("policy %s in force (%s)", policy.hash, policy.source)
+
+    def tracing_spec(self, policy: Policy) -> TracingSpec:
+        """The policy's tracing section with the command line's flags over it."""
+        opts = self.agent.options
+        spec = policy.tracing
+        if opts.otlp_endpoint is not None:
+            spec = replace(spec, endpoint=opts.otlp_endpoint)
+        if opts.trace_sample_ratio is not None:
+            spec = replace(spec, sample_ratio=opts.trace_sample_ratio)
+        return spec
 
     def _apply_polyfill(self, policy: Policy) -> None:
         unit = self.agent.polyfill

@@ -33,6 +33,7 @@ from infertap.agent.export.metrics import (
     ModelStateCollector,
     TrafficMetrics,
 )
+from infertap.agent.export.tracing import CallTracer
 from infertap.agent.flows.records import FlowInfo
 from infertap.agent.governor import Governor
 from infertap.agent.inspect.engine import InspectionEngine
@@ -71,6 +72,8 @@ class AgentOptions:
     kube_api: Any = None  # with kubernetes: a KubeApi (tests); None = the in-cluster client
     ring_pages: int = 4096
     accelerate: bool = False  # same-node acceleration (off by default; on by flag or policy)
+    otlp_endpoint: str | None = None  # tracing: OTLP/gRPC host:port; given, it wins over policy
+    trace_sample_ratio: float | None = None  # tracing: share of new traces; None = policy's
     extra: dict[str, str] = field(default_factory=dict)
 
     def sampling(self, policy: SamplingSpec) -> tuple[int, int]:
@@ -131,6 +134,8 @@ class Agent:
             on_inspected=self.governor.on_inspected,
         )
         self.pipeline.exchange_taps.append(self.mirror.tap)
+        self.tracer = CallTracer(self.pods.labels)  # configured by the governor's apply()
+        self.pipeline.exchange_taps.append(self.tracer.tap)
         self.circuit_states = self.governor.states
         # Loaded only when the starting policy routes something: its getsockopt program runs
         # on every getsockopt in the pods. Routes added by a later reload need a restart.
@@ -263,6 +268,7 @@ class Agent:
             self.api = None
         self.governor.stop()
         self.mirror.stop()  # before the hub closes: workers may still publish results
+        self.tracer.stop()  # flushes the spans still queued
         if self._watch_thread is not None:
             self._watch_thread.join(timeout=5)  # it detaches every pod as it ends
             self._watch_thread = None

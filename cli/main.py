@@ -129,6 +129,25 @@ def run(
         bool,
         typer.Option("--accelerate", help="Same-node acceleration (sk_msg redirect to the peer)."),
     ] = False,
+    otlp_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--otlp-endpoint",
+            show_default=False,
+            help="Export a span per model call to this OTLP/gRPC receiver HOST:PORT (plaintext "
+            "gRPC). Given: wins over the policy's tracing.endpoint; '' turns tracing off.",
+        ),
+    ] = None,
+    trace_sample_ratio: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            show_default=False,
+            help="Share of new traces exported (calls arriving with a traceparent follow its "
+            "sampled flag). Given: wins over the policy's tracing.sample_ratio (default 1).",
+        ),
+    ] = None,
     kubernetes: Annotated[
         bool,
         typer.Option(
@@ -173,7 +192,13 @@ def run(
         kubernetes=kubernetes,
         node_name=os.environ.get("NODE_NAME", ""),
         accelerate=accelerate,
+        otlp_endpoint=otlp_endpoint,
+        trace_sample_ratio=trace_sample_ratio,
     )
+    if otlp_endpoint:
+        host, sep, otlp_port = otlp_endpoint.rpartition(":")
+        if not sep or not host or not otlp_port.isdigit() or not 1 <= int(otlp_port) <= 65535:
+            raise UserError(f"--otlp-endpoint must be HOST:PORT, got {otlp_endpoint!r}")
     if kubernetes and cgroup:
         raise UserError("--kubernetes finds the pods' cgroups itself: give no --cgroup")
     if kubernetes and not options.node_name:

@@ -60,6 +60,10 @@ def test_bad_metrics_address() -> None:
     assert_one_clear_line(run("run", "--metrics-addr", "localhost"), 1, "HOST:PORT")
 
 
+def test_bad_otlp_endpoint() -> None:
+    assert_one_clear_line(run("run", "--otlp-endpoint", "collector"), 1, "--otlp-endpoint")
+
+
 @needs_root
 def test_unknown_cgroup_is_refused_and_nothing_stays_attached(tmp_path: Path) -> None:
     r = run(

@@ -398,7 +398,7 @@ def test_error_names_line_and_field(text: str, needle: str, expected: str) -> No
             "version: 1\nmodel:\n  - name: a\n",
             "policy.yaml:2: model: unknown key (did you mean 'models'?); known: version,"
             " discovery, services, models, sampling, pii, drift, schema, actions, circuit, routes,"
-            " mirror, acceleration, polyfill",
+            " mirror, acceleration, polyfill, tracing",
         ),
         (
             "version: 1\nservices:\n  - {name: a, port: 1, protocol: http}\n",

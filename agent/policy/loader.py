@@ -22,6 +22,7 @@ from typing import Final, Literal, TypeVar, cast, get_args
 import yaml
 
 from infertap.agent.discovery.pod_watch import LabelSelector, Requirement
+from infertap.agent.export.tracing_spec import TracingSpec
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.inspect.drift import Thresholds
 from infertap.agent.inspect.pii import BUILTIN_TYPES, compile_custom
@@ -397,6 +398,33 @@ def _acceleration(r: _Reader, node: YNode, path: str) -> AccelerationSpec:
     return AccelerationSpec(_field(r, m, path, "enabled", r.boolean, False))
 
 
+def _tracing(r: _Reader, node: YNode, path: str) -> TracingSpec:
+    m = r.mapping(node, path, ("endpoint", "sample_ratio", "insecure", "link_window"))
+    d = TracingSpec()
+    if m is not None and "endpoint" not in m.items:
+        r.error(m.line, _join(path, "endpoint"), "required (host:port of an OTLP/gRPC receiver)")
+    endpoint = _field(r, m, path, "endpoint", lambda n, p: _otlp_endpoint(r, n, p), "")
+    return TracingSpec(
+        endpoint=endpoint,
+        sample_ratio=_field(
+            r, m, path, "sample_ratio", lambda n, p: r.number(n, p, 0.0, 1.0, "from 0 to 1"), 1.0
+        ),
+        insecure=_field(r, m, path, "insecure", r.boolean, d.insecure),
+        link_window_s=_field(r, m, path, "link_window", r.duration, d.link_window_s),
+    )
+
+
+def _otlp_endpoint(r: _Reader, node: YNode, path: str) -> str | None:
+    text = r.string(node, path)
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        r.error(node.line, path, f"must be host:port, got {text!r}")
+        return None
+    return text
+
+
 def _sampling(r: _Reader, node: YNode, path: str) -> SamplingSpec:
     m = r.mapping(node, path, ("sample_bytes", "sample_one_in"))
     d = SamplingSpec()
@@ -671,6 +699,7 @@ _TOP: Final = (
     "mirror",
     "acceleration",
     "polyfill",
+    "tracing",
 )
 
 
@@ -717,6 +746,7 @@ def load_policy_text(text: str, source: str = "<policy>", base_dir: Path | None 
             "acceleration", lambda n, p: _acceleration(r, n, p), AccelerationSpec()
         ),
         polyfill=section("polyfill", lambda n, p: _polyfill(r, n, p), ()),
+        tracing=section("tracing", lambda n, p: _tracing(r, n, p), TracingSpec()),
         source=source,
     )
     if r.errors:

@@ -18,6 +18,7 @@ from typing import Any, Final, Literal, get_args
 
 from infertap.agent.defaults import DEFAULT_SAMPLE_BYTES
 from infertap.agent.discovery.pod_watch import LabelSelector
+from infertap.agent.export.tracing_spec import TracingSpec
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.inspect.drift import DEFAULT_THRESHOLDS, DriftConfig, Thresholds
 from infertap.agent.inspect.findings import FindingKind, Severity
@@ -181,6 +182,7 @@ class Policy:
     mirror: MirrorSpec = field(default_factory=MirrorSpec)  # shadows and sink (agent/mirror)
     acceleration: AccelerationSpec = field(default_factory=AccelerationSpec)
     polyfill: tuple[PolyfillSpec, ...] = ()  # request polyfill rules (agent/polyfill)
+    tracing: TracingSpec = field(default_factory=TracingSpec)  # OTLP spans (agent/export/tracing)
     source: str = field(default="<built-in>", compare=False)  # where it was loaded from
 
     @property
@@ -319,6 +321,17 @@ def to_document(policy: Policy) -> dict[str, Any]:
         **({"acceleration": {"enabled": True}} if policy.acceleration.enabled else {}),
         # Only when set, so policies written before this section keep their hash.
         **({"polyfill": [_polyfill_doc(x) for x in policy.polyfill]} if policy.polyfill else {}),
+        # Only when on, so policies written before this section keep their hash.
+        **({"tracing": _tracing_doc(policy.tracing)} if policy.tracing.enabled else {}),
+    }
+
+
+def _tracing_doc(spec: TracingSpec) -> dict[str, object]:
+    return {
+        "endpoint": spec.endpoint,
+        "sample_ratio": spec.sample_ratio,
+        "insecure": spec.insecure,
+        "link_window": _seconds(spec.link_window_s),
     }
 
 
