@@ -183,8 +183,37 @@ class Pipeline:
             if ex.latency_ns is not None:
                 data["latency_ms"] = ex.latency_ns / 1e6
             self.events.publish(AgentEvent("http", req.ts_ns, data))
+            self._framing_findings(ex, data["pod"])
             if self.inference is not None:
                 self._inference(ex, pod)
+
+    def _framing_findings(self, ex: HttpExchange, pod: str) -> None:
+        """A message whose body length depends on who reads it (Content-Length against
+        Transfer-Encoding: request smuggling) is a finding of its own, model call or not."""
+        for msg in (ex.request, ex.response):
+            if msg is None or not msg.framing_ambiguous:
+                continue
+            self.events.publish(
+                AgentEvent(
+                    "finding",
+                    msg.ts_ns,
+                    {
+                        "kind": "protocol",
+                        "model": "",
+                        "type": "http_ambiguous_framing",
+                        "location": msg.direction.value,
+                        "severity": "alert",
+                        "redacted": "",
+                        "value": None,
+                        "message": "Content-Length and Transfer-Encoding disagree: the body"
+                        " length depends on who reads it",
+                        "service": str(msg.connection.server),
+                        "client": str(msg.connection.client),
+                        "path": ex.request.path.split("?", 1)[0],
+                        "pod": pod,
+                    },
+                )
+            )
 
     def _inference(self, ex: HttpExchange, pod: tuple[str, str]) -> None:
         ends = self._by_conn.get(ex.request.connection, {})

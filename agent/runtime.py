@@ -32,6 +32,7 @@ from infertap.agent.export.metrics import (
     MetricsServer,
     ModelStateCollector,
     TrafficMetrics,
+    VisibilityCollector,
 )
 from infertap.agent.export.tracing import CallTracer
 from infertap.agent.flows.records import FlowInfo
@@ -199,6 +200,9 @@ class Agent:
             KernelCollector(self.sensor.flows, self.sensor.stats, self.pods.labels, self.accounting)
         )
         self.registry.register(
+            VisibilityCollector(self.pipeline.decoder.losses.counts, self.uninspected_counts)
+        )
+        self.registry.register(
             ModelStateCollector(
                 self.engine.drift_values,
                 lambda: self.circuit_states(),
@@ -323,6 +327,10 @@ class Agent:
 
     def flows(self) -> list[FlowInfo]:
         return self.sensor.flows()
+
+    def uninspected_counts(self) -> dict[str, int]:
+        """Connections in the watched pods whose traffic is not inspected, by reason."""
+        return {}
 
     def publish_verdict(self, description: str, data: dict[str, object]) -> None:
         self.events.publish(

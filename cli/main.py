@@ -374,6 +374,15 @@ def status(
     )
     for k, v in sorted(st.kernel_stats.items()):
         out.print(f"  {k:18} {v}", highlight=False)
+    # What was not decoded or not seen: zero lines here means nothing was lost.
+    lost = sum(st.decode_lost.values())
+    out.print(f"decode lost: {lost}" + (" (protocol/reason)" if lost else ""), highlight=False)
+    for k, v in sorted(st.decode_lost.items()):
+        out.print(f"  {k:28} {v}", highlight=False)
+    unseen = sum(st.connections_uninspected.values())
+    out.print(f"connections not inspected: {unseen}", highlight=False)
+    for k, v in sorted(st.connections_uninspected.items()):
+        out.print(f"  {k:28} {v}", highlight=False)
 
 
 @app.command()

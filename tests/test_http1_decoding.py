@@ -4,8 +4,10 @@ would, and exactly what the WireDecoder makes of them."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 
+import pytest
 from wire_streams import (
     CLIENT_COOKIE,
     SERVER,
@@ -152,6 +154,7 @@ def test_body_cut_by_the_sample_limit_is_flagged_and_the_next_message_resyncs_ex
     assert second.response is not None and second.response.body == b"second"
     assert dec.stats.get("http1_resyncs", 0) == 0  # the skip was exact
     assert dec.stats["truncated_bytes"] == len(msgs[0][0]) - 4096
+    assert dec.losses.counts() == {("http1", "body_gap"): 1}
 
 
 def test_gap_inside_a_gzip_body_keeps_the_decodable_prefix_and_flags_it() -> None:
@@ -183,6 +186,31 @@ def test_lost_request_header_block_resyncs_and_never_shifts_pairs() -> None:
     pairs = [(x.request.path, x.response.body if x.response else None) for x in out]
     assert pairs == [("/q0", b"answer 0"), ("/q2", b"answer 2"), ("/q3", b"answer 3")]
     assert dec.stats["responses_unmatched"] == 1  # answer 1 had no request to go to
+    assert dec.losses.counts() == {("http1", "header_gap"): 1}
+
+
+def test_each_loss_is_logged_once_per_connection_without_payload(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    secret = b"alice@example.com"
+    msgs = [
+        (h1_request("GET", f"/q{i}", headers=[("x-user", secret.decode())]), h1_response(200, b"a"))
+        for i in range(4)
+    ]
+    client, server = conversation(msgs)
+    for i in (1, 3):  # two header blocks cut on one connection, a whole request between
+        s = client[i]
+        client[i] = Sample(
+            CLIENT_COOKIE, s.ts_ns, s.offset, s.msg_len, s.data[:12], Role.CLIENT, True
+        )
+    with caplog.at_level(logging.WARNING, logger="infertap.agent.protocols.losses"):
+        _out, dec = run_connection(client, server)
+        _again, dec = run_connection(client, server, decoder=dec)  # the same addresses, reopened
+    assert dec.losses.counts() == {("http1", "header_gap"): 4}
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines  # once per connection, not once per loss
+    assert "http1" in lines[0] and "header_gap" in lines[0] and str(SERVER) in lines[0]
+    assert not any(secret.decode() in ln or "/q" in ln for ln in lines)
 
 
 def test_lost_response_samples_leave_that_request_unanswered_and_later_pairs_right() -> None:
@@ -322,3 +350,32 @@ def test_idle_eviction_emits_what_is_pending() -> None:
     out = dec.evict_idle(now_ns=5_000_000_000)
     assert [(x.request.path, x.response) for x in out] == [("/idle", None)]
     assert dec.stats["flows"] == 0 and dec.stats["evictions"] >= 1
+
+
+def test_conflicting_content_length_and_transfer_encoding_is_reported_never_dropped() -> None:
+    # What a smuggling probe sends: both headers, in either order, or two lengths. llhttp refuses
+    # the block; the request still comes out, flagged, paired with the answer the server gave.
+    bodies = b"5\r\nhello\r\n0\r\n\r\n"
+    conflicting = [
+        b"POST /v2/models/m/infer HTTP/1.1\r\nHost: m\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + bodies,
+        b"POST /v2/models/m/infer HTTP/1.1\r\nHost: m\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 4\r\n\r\n" + bodies,
+        b"POST /v2/models/m/infer HTTP/1.1\r\nHost: m\r\nContent-Length: 5\r\n"
+        b"Content-Length: 6\r\n\r\nhello!",
+    ]
+    for raw in conflicting:
+        msgs = [
+            (raw, h1_response(200, b"served")),
+            (h1_request("GET", "/after"), h1_response(200, b"next")),
+        ]
+        client, server = conversation(msgs)
+        out, dec = run_connection(client, server)
+        assert paths_and_statuses(out) == [("/v2/models/m/infer", 200), ("/after", 200)], raw
+        first, second = out
+        assert first.request.framing_ambiguous and first.request.method == "POST"
+        assert first.request.body_truncated and first.request.body == b""  # never guessed
+        assert first.response is not None and first.response.body == b"served"
+        assert not second.request.framing_ambiguous and second.response is not None
+        assert dec.losses.counts() == {("http1", "ambiguous_framing"): 1}
+        assert dec.stats["http1_ambiguous_framing"] == 1

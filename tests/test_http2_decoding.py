@@ -150,6 +150,7 @@ def test_data_cut_by_the_sample_limit_truncates_only_that_body_and_framing_survi
     assert cut.response is not None and cut.response.grpc_messages == [b"ok"]
     assert_call(got[later.stream_id], later)  # HPACK and framing intact after an exact skip
     assert dec.stats.get("h2_hpack_lost", 0) == 0 and dec.stats.get("h2_framing_lost", 0) == 0
+    assert dec.losses.counts() == {("http2", "body_gap"): 1}
 
 
 def test_lost_header_block_fails_closed_for_every_later_message_in_that_direction() -> None:
@@ -172,6 +173,8 @@ def test_lost_header_block_fails_closed_for_every_later_message_in_that_directio
         assert x.response is not None and x.response.grpc_messages == call.response_messages
         assert not x.response.headers_unknown and x.response.grpc_status() == int(call.grpc_status)
     assert dec.stats["h2_hpack_lost"] == 1
+    # The cut block, then one per later request header block lost with the state.
+    assert dec.losses.counts() == {("http2", "header_gap"): 1, ("http2", "hpack_lost"): 2}
 
 
 def test_whole_sends_lost_lose_framing_then_resync_with_headers_unknown() -> None:
@@ -185,6 +188,8 @@ def test_whole_sends_lost_lose_framing_then_resync_with_headers_unknown() -> Non
     got = by_stream(out)
     assert_call(got[calls[0].stream_id], calls[0])
     assert dec.stats["h2_framing_lost"] == 1 and dec.stats["h2_resyncs"] >= 1
+    losses = dec.losses.counts()
+    assert losses[("http2", "framing_lost")] == 1 and losses[("http2", "hpack_lost")] >= 1
     for call in calls[1:]:
         x = got[call.stream_id]
         assert not x.request.headers_unknown and x.request.path == call.path  # other direction

@@ -14,6 +14,7 @@ from infertap.agent.export.metrics import (
     KernelCollector,
     ModelStateCollector,
     TrafficMetrics,
+    VisibilityCollector,
 )
 from infertap.agent.flows.records import Endpoint, FlowInfo, Role
 from infertap.agent.inspect.drift import FeatureBins
@@ -67,11 +68,19 @@ def test_exporter_serves_the_listed_names_with_their_labels() -> None:
             acc,
         )
     )
+    reg.register(
+        VisibilityCollector(
+            lambda: {("http2", "hpack_lost"): 3, ("http1", "header_gap"): 1},
+            lambda: {"pre_existing": 2},
+        )
+    )
     traffic.count_http(POD, "10.0.0.2:8000", "post", 200)
     traffic.count_http(POD, "10.0.0.2:8000", "BREW", None)
     text = generate_latest(reg).decode()
     assert 'infertap_messages_total{namespace="",pod="/pod-a"} 3.0' in text
     assert "infertap_samples_lost_total 2.0" in text
+    assert 'infertap_decode_lost_total{protocol="http2",reason="hpack_lost"} 3.0' in text
+    assert 'infertap_connections_uninspected{reason="pre_existing"} 2.0' in text
     assert 'method="POST"' in text and 'method="OTHER"' in text and 'code="none"' in text
     served = {
         line.split("{")[0].split(" ")[0]

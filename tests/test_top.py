@@ -379,6 +379,8 @@ def test_view_at_200x50_shows_every_panel() -> None:
         "verdicts · 1",
         "circuit: sentiment",
         "policy 3f9a1c0d2b7e",
+        "decode lost 9",  # what was not decoded or not seen, from the status
+        "1 conns not inspected",
     ):
         assert words in text, words
 

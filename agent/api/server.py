@@ -126,6 +126,8 @@ class ControlServicer(pb_grpc.ControlServicer):
             headers=a.sensor.headers.origin if a.sensor.headers else "",
             sample_bytes=sample_bytes,
             sample_one_in=sample_one_in,
+            decode_lost=a.pipeline.decoder.losses.by_key(),
+            connections_uninspected=a.uninspected_counts(),
         )
 
     def ListFlows(

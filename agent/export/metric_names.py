@@ -65,6 +65,11 @@ METRICS: dict[str, MetricSpec] = {
     "infertap_circuit_state": MetricSpec("gauge", ("model",)),
     # Always 1; the label is the hash of the loaded policy, so a rollout can be followed.
     "infertap_policy_info": MetricSpec("gauge", ("hash",)),
+    # What was not decoded or not seen (agent/protocols/losses.py): decode losses by protocol
+    # (http1, http2, unknown) and reason (a fixed set); connections not inspected by reason
+    # ("pre_existing": opened before the agent started).
+    "infertap_decode_lost_total": MetricSpec("counter", ("protocol", "reason")),
+    "infertap_connections_uninspected": MetricSpec("gauge", ("reason",)),
     # Shadow mirroring (agent/mirror), per mirrored model; result: agree, disagree, error, skipped.
     "infertap_shadow_requests_total": MetricSpec("counter", ("model", "result")),
     # Largest absolute output difference, shadow against primary, per mirrored request.

@@ -308,6 +308,37 @@ class ModelStateCollector(Collector):
         yield shares
 
 
+class VisibilityCollector(Collector):
+    """What infertap could not decode or see, read at scrape time: decode losses by protocol and
+    reason (agent/protocols/losses.py, a fixed set) and connections not inspected, by reason."""
+
+    def __init__(
+        self,
+        decode_lost: Callable[[], dict[tuple[str, str], int]],
+        uninspected: Callable[[], dict[str, int]],
+    ) -> None:
+        self._decode_lost = decode_lost
+        self._uninspected = uninspected
+
+    def collect(self) -> Iterator[Metric]:
+        lost = CounterMetricFamily(
+            "infertap_decode_lost_total",
+            "Times decoding stopped or gave up on traffic, by protocol and reason.",
+            labels=("protocol", "reason"),
+        )
+        for (protocol, reason), n in sorted(self._decode_lost().items()):
+            lost.add_metric([protocol, reason], n)
+        yield lost
+        unseen = GaugeMetricFamily(
+            "infertap_connections_uninspected",
+            "Connections in watched pods whose traffic is not inspected, by reason.",
+            labels=("reason",),
+        )
+        for reason, n in sorted(self._uninspected().items()):
+            unseen.add_metric([reason], n)
+        yield unseen
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass

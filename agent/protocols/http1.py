@@ -30,6 +30,7 @@ import httptools
 from infertap.agent.flows.reassembly import Chunk, GapCause
 from infertap.agent.flows.records import ConnectionId, Direction, Endpoint
 from infertap.agent.protocols.content import decode_content
+from infertap.agent.protocols.losses import HTTP1, DecodeLosses
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,13 @@ STATUS_LINE = re.compile(rb"(?m)^HTTP/1\.[01] [1-5][0-9][0-9](?: [^\r\n]*)?\r\n"
 REQUEST_START = re.compile(rb"(?:" + _METHODS + rb") ")
 STATUS_START = re.compile(rb"HTTP/1\.[01] ")
 
+# llhttp's own error texts for a header block whose body length is ambiguous.
+_AMBIGUOUS_FRAMING = (
+    "Content-Length can't be present with Transfer-Encoding",
+    "Transfer-Encoding can't be present with Content-Length",
+    "Duplicate Content-Length",
+)
+
 MAX_START_LINE = 8 * 1024  # a start line longer than this is not looked for across sends
 MAX_HEADER_BYTES = 64 * 1024  # a header block past this is dropped (llhttp itself has no limit)
 MAX_HEADERS = 256
@@ -52,6 +60,11 @@ _HEADER_END = b"\r\n\r\n"
 
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
+
+
+def _is_ambiguous(err: Exception) -> bool:
+    text = str(err)
+    return any(reason in text for reason in _AMBIGUOUS_FRAMING)
 
 
 class Http1Sink(Protocol):
@@ -75,6 +88,10 @@ class Http1Sink(Protocol):
 
     def http1_request_bytes(self) -> None:
         """The request side received bytes with no gap before them."""
+        ...
+
+    def http1_lost(self, reason: str) -> None:
+        """Decoding lost something (agent/protocols/losses.py REASONS)."""
         ...
 
 
@@ -123,6 +140,7 @@ class Http1StreamDecoder:
         self._header_bytes = 0
         self._chunked = False
         self._bodyless = False  # a response to HEAD: complete at the end of its header block
+        self._headers_capped = False  # headers past MAX_HEADERS were dropped
 
     # -- StreamConsumer --------------------------------------------------------------------
 
@@ -179,13 +197,14 @@ class Http1StreamDecoder:
             if msg is not None:
                 self._stats["http1_dropped_header_blocks"] += 1
             self._reset_message()
-            self._desync()
+            self._desync("header_gap" if msg is not None else "resync")
             return
         msg.body_truncated = True
+        self._sink.http1_lost("body_gap")
         length_known = msg.content_length >= 0 and not self._chunked and not self._bodyless
         if not length_known:
             self._finish_message(truncated=True)
-            self._desync()
+            self._desync("resync")
             return
         self._skip = msg.content_length - self._body_seen
         self._mode = _Mode.SKIP
@@ -250,6 +269,9 @@ class Http1StreamDecoder:
             self._mode = _Mode.DEAD
             return
         except httptools.HttpParserError as err:
+            if self._msg is not None and not self._headers_done and _is_ambiguous(err):
+                self._ambiguous_framing()
+                return
             self._stats["parse_errors"] += 1
             log.debug(
                 "http1 %s parse error on %s: %s",
@@ -262,7 +284,7 @@ class Http1StreamDecoder:
             self._reset_message()
             self._mode = _Mode.RESYNC
             self._line_start = False  # the rest of this send is dropped; resync after it
-            self._desync()
+            self._desync("parse_error")
             return
         if (
             self._msg is not None
@@ -273,7 +295,29 @@ class Http1StreamDecoder:
             self._reset_message()
             self._mode = _Mode.RESYNC
             self._line_start = False
-            self._desync()
+            self._desync("over_limit")
+
+    def _ambiguous_framing(self) -> None:
+        """Report the message with what its header block gave up to the conflict, flagged, and
+        look for the next message: where this one's body ends is exactly what is in doubt."""
+        msg = self._msg
+        assert msg is not None
+        self._stats["http1_ambiguous_framing"] += 1
+        msg.framing_ambiguous = True
+        msg.body_truncated = True
+        self._headers_done = True
+        if isinstance(self._parser, httptools.HttpRequestParser):
+            msg.method = _text(self._parser.get_method())
+            msg.path = _text(b"".join(self._url))
+        else:
+            msg.status = self._parser.get_status_code()
+        self._sink.http1_headers(msg)
+        self._finish_message(truncated=True)
+        self._mode = _Mode.RESYNC
+        # The rest of this send is dropped. The next send may start a message (a client's next
+        # write): a full request or status line there is evidence enough.
+        self._line_start = True
+        self._desync("ambiguous_framing")
 
     def _skip_gap(self, length: int) -> None:
         remaining = self._skip - length
@@ -288,7 +332,7 @@ class Http1StreamDecoder:
         else:
             self._mode = _Mode.RESYNC
             self._line_start = True
-            self._desync()
+            self._desync("resync")
 
     def _find_start(self, data: memoryview, pos: int) -> int:
         match = self._start_line.search(data, pos)
@@ -310,8 +354,9 @@ class Http1StreamDecoder:
             return n
         return pos  # keep it all; whether it starts a line is unchanged
 
-    def _desync(self) -> None:
+    def _desync(self, reason: str) -> None:
         self._stats["http1_resyncs"] += 1
+        self._sink.http1_lost(reason)
         self._mode = _Mode.RESYNC if self._mode is not _Mode.DEAD else _Mode.DEAD
         self._sink.http1_desync(self.direction, self._ts)
 
@@ -325,6 +370,7 @@ class Http1StreamDecoder:
         self._header_bytes = 0
         self._chunked = False
         self._bodyless = False
+        self._headers_capped = False
 
     def _finish_message(self, truncated: bool) -> None:
         msg = self._msg
@@ -371,6 +417,9 @@ class Http1StreamDecoder:
         if len(target) < MAX_HEADERS:
             target.append((_text(name).lower(), _text(value)))
         else:
+            if not self._headers_capped:  # a loss once per message, not per header
+                self._headers_capped = True
+                self._sink.http1_lost("over_limit")
             self._stats["http1_headers_over_limit"] += 1
 
     def on_headers_complete(self) -> None:
@@ -401,10 +450,13 @@ class Http1StreamDecoder:
         room = self._max_body - self._body_kept
         if room <= 0:
             if self._msg is not None:
+                if not self._msg.body_truncated:
+                    self._sink.http1_lost("over_limit")
                 self._msg.body_truncated = True
             return
         if len(body) > room:
             body = body[:room]
+            self._sink.http1_lost("over_limit")  # once: room is 0 from here on
             if self._msg is not None:
                 self._msg.body_truncated = True
         self._body.append(body)
@@ -448,9 +500,11 @@ class Http1Connection:
         expect_responses: bool,
         capture_bodies: bool = True,
         max_body: int = 1024 * 1024,
+        losses: DecodeLosses | None = None,
     ) -> None:
         self.connection = connection
         self.expect_responses = expect_responses
+        self.losses = losses if losses is not None else DecodeLosses()
         self.ready: list[HttpExchange] = []
         self._stats = stats
         self._per_service = requests_by_service
@@ -539,6 +593,7 @@ class Http1Connection:
                 self._pipelined = True
             if len(self._pending) >= MAX_PENDING:
                 self._stats["http1_pending_over_limit"] += 1
+                self.http1_lost("over_limit")
                 self._drop_oldest()
             self._pending.append(entry)
             self._awaiting.append(entry)
@@ -595,6 +650,9 @@ class Http1Connection:
                     entry.response_lost = True
                     self._stats["responses_unmatched"] += 1
             self._collect()
+
+    def http1_lost(self, reason: str) -> None:
+        self.losses.lost(HTTP1, reason, self.connection)
 
     def http1_request_bytes(self) -> None:
         if self._tentatives:

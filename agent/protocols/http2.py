@@ -36,6 +36,7 @@ from hyperframe.frame import (
 from infertap.agent.flows.reassembly import Chunk, GapCause
 from infertap.agent.flows.records import ConnectionId, Direction, Endpoint
 from infertap.agent.protocols.content import decode_content, split_grpc_messages
+from infertap.agent.protocols.losses import HTTP2, DecodeLosses
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ class Http2StreamDecoder:
         got = bytes(data[pos : pos + len(want)])
         if not want.startswith(got):
             self._stats["parse_errors"] += 1
+            self._conn.lost("parse_error")
             self._lose_framing()
             return pos
         self._preface_seen += len(got)
@@ -265,6 +267,7 @@ class Http2StreamDecoder:
             frame.parse_body(raw[FRAME_HEADER_LEN:])
         except Exception as err:  # hyperframe raises several types for malformed frames
             self._stats["parse_errors"] += 1
+            self._conn.lost("parse_error")
             log.debug("h2 %s: bad frame (%s)", self.direction, type(err).__name__)
             if raw[3] in _HEADER_BEARING:
                 self._break_hpack()
@@ -283,11 +286,13 @@ class Http2StreamDecoder:
             if self._block is None or frame.stream_id != self._block_sid:
                 if self.hpack_ok:
                     self._stats["parse_errors"] += 1
+                    self._conn.lost("parse_error")
                     self._break_hpack()
                 return
             self._block += frame.data
             if len(self._block) > MAX_HEADER_BLOCK:
                 self._stats["h2_header_blocks_over_limit"] += 1
+                self._conn.lost("over_limit")
                 self._block = None
                 self._break_hpack()
                 self._conn.headers(self.direction, self._block_sid, None, False, ts)
@@ -304,13 +309,16 @@ class Http2StreamDecoder:
         if block is None:
             return
         headers: list[tuple[bytes, bytes]] | None = None
-        if self.hpack_ok:
+        if not self.hpack_ok:
+            self._conn.lost("hpack_lost")  # this block's call is lost with the state
+        else:
             try:
                 headers = [
                     (bytes(k), bytes(v)) for k, v in self._hpack.decode(bytes(block), raw=True)
                 ]
             except Exception as err:  # hpack raises HPACKError subclasses and a few others
                 self._stats["parse_errors"] += 1
+                self._conn.lost("parse_error")
                 log.debug("h2 %s: HPACK error (%s)", self.direction, type(err).__name__)
                 self._break_hpack()
         if self._block_is_push:
@@ -333,6 +341,7 @@ class Http2StreamDecoder:
         sid = _frame_header(stranded)[3] if len(stranded) >= FRAME_HEADER_LEN else -1
         end_stream = bool(flags & _FLAG_END_STREAM) and ftype in (_TYPE_DATA, _TYPE_HEADERS)
         if ftype in _HEADER_BEARING:
+            self._conn.lost("header_gap")
             self._break_hpack()
             if ftype == _TYPE_HEADERS and sid > 0:
                 self._conn.headers(self.direction, sid, None, False, ts)
@@ -369,6 +378,7 @@ class Http2StreamDecoder:
 
     def _lose_framing(self) -> None:
         self._stats["h2_framing_lost"] += 1
+        self._conn.lost("framing_lost")
         self._mode = _Mode.LOST
         self._block = None
         self._break_hpack()
@@ -399,10 +409,12 @@ class Http2Connection:
         expect_responses: bool,
         capture_bodies: bool = True,
         max_body: int = 1024 * 1024,
+        losses: DecodeLosses | None = None,
     ) -> None:
         self.connection = connection
         self.expect_responses = expect_responses
         self.stats = stats
+        self.losses = losses if losses is not None else DecodeLosses()
         self.ready: list[HttpExchange] = []
         self._per_service = requests_by_service
         self._capture = capture_bodies
@@ -416,6 +428,10 @@ class Http2Connection:
         if decoder is None:
             decoder = self._decoders[direction] = Http2StreamDecoder(self, direction)
         return decoder
+
+    def lost(self, reason: str) -> None:
+        """Decoding lost something (agent/protocols/losses.py REASONS)."""
+        self.losses.lost(HTTP2, reason, self.connection)
 
     def hpack_ok(self, direction: Direction) -> bool:
         decoder = self._decoders.get(direction)
@@ -502,6 +518,7 @@ class Http2Connection:
             data = data[:room]
             body.cut = True
             self.stats["h2_bodies_over_limit"] += 1
+            self.lost("over_limit")
         if data:
             body.parts.append(bytes(data))
             body.kept += len(data)
@@ -511,7 +528,10 @@ class Http2Connection:
         if stream is None:
             return
         self._message_for(stream, direction, ts)
-        (stream.request_body if direction is Direction.REQUEST else stream.response_body).cut = True
+        body = stream.request_body if direction is Direction.REQUEST else stream.response_body
+        if not body.cut:
+            self.lost("body_gap")
+        body.cut = True
 
     def all_bodies_lost(self, direction: Direction) -> None:
         for stream in self._streams.values():
@@ -563,6 +583,7 @@ class Http2Connection:
             self._highest_request_sid = sid
         if len(self._streams) >= MAX_STREAMS:
             self.stats["h2_streams_over_limit"] += 1
+            self.lost("over_limit")
             oldest = next(iter(self._streams.values()))
             del self._streams[oldest.sid]
             self._give_up(oldest, self.ready)

@@ -32,6 +32,10 @@ class HttpMessage:
     stream_id: int = 0  # HTTP/2 stream id; 0 for HTTP/1
     grpc_messages: list[bytes] = field(default_factory=list)  # de-framed, decompressed
     trailers_unknown: bool = False  # HTTP/2: the trailer block came after HPACK state was lost
+    # HTTP/1: Content-Length and Transfer-Encoding both given (or Content-Length twice): where
+    # the body ends depends on who reads it (request smuggling). The rest of the header block
+    # and the body are not decoded (body_truncated); the message is still reported and paired.
+    framing_ambiguous: bool = False
 
     def header(self, name: str) -> str | None:
         """The first value of a header (name lower-case), or None."""

@@ -40,6 +40,10 @@ from infertap.agent.protocols.http1 import (
     Http1Connection,
 )
 from infertap.agent.protocols.http2 import FRAME_HEADER_LEN, PREFACE, Http2Connection
+from infertap.agent.protocols.losses import HTTP1 as LOSS_HTTP1
+from infertap.agent.protocols.losses import HTTP2 as LOSS_HTTP2
+from infertap.agent.protocols.losses import UNKNOWN as LOSS_UNKNOWN
+from infertap.agent.protocols.losses import DecodeLosses
 from infertap.agent.protocols.messages import HttpExchange
 
 log = logging.getLogger(__name__)
@@ -177,6 +181,7 @@ class _Flow:
         decoder = self.conn.decoder
         if isinstance(decoder, Http2Connection):
             # HPACK state cannot be rebuilt mid-stream: nothing of this flow is trustworthy.
+            self.owner._lost(self, "mid_stream")
             self.owner._ignore(self, "flows_mid_stream_h2")
             return len(data)
         if pattern.search(data) is not None:
@@ -194,6 +199,7 @@ class _Flow:
         if conn.decoder is None:
             conn.decoder = owner._new_decoder(conn, protocol)
         elif conn.decoder.protocol != protocol:
+            owner._lost(self, "parse_error")
             owner._ignore(self, "flows_protocol_mismatch")
             return
         self.protocol = protocol
@@ -231,6 +237,8 @@ class WireDecoder:
         self._connections: dict[ConnectionId | int, _Connection] = {}
         self.stats_counter: Counter[str] = Counter()
         self.requests_by_service: Counter[Endpoint] = Counter()
+        # Every decode loss by (protocol, reason), logged once per connection (losses.py).
+        self.losses = DecodeLosses()
 
     # -- the runtime's calls ---------------------------------------------------------------
 
@@ -254,6 +262,7 @@ class WireDecoder:
             self._reassembler.push(sample, flow)
         except Exception as err:
             self._internal_error("sample", err)
+            self._lost(flow, "internal_error")
             self._ignore(flow, "flows_failed")
         if not flow.active():
             # Free its bytes now (not from inside push, which still holds its stream state).
@@ -346,7 +355,14 @@ class WireDecoder:
             expect_responses=conn.server_flows > 0,
             capture_bodies=self._capture,
             max_body=self._max_body,
+            losses=self.losses,
         )
+
+    def _lost(self, flow: _Flow, reason: str) -> None:
+        decoder = flow.conn.decoder
+        protocol = decoder.protocol if decoder is not None else flow.protocol
+        label = {HTTP1: LOSS_HTTP1, H2: LOSS_HTTP2}.get(protocol, LOSS_UNKNOWN)
+        self.losses.lost(label, reason, flow.conn.id)
 
     def _ignore(self, flow: _Flow, reason: str) -> None:
         if not flow.ignored:
@@ -376,6 +392,7 @@ class WireDecoder:
             self._internal_error("flow_end", err)
         if not conn.flows:
             self._connections.pop(conn.key, None)
+            self.losses.connection_closed(conn.id)
         return out
 
     def _take_ready(self, conn: _Connection) -> list[HttpExchange]:

@@ -259,6 +259,13 @@ class TopApp(App[None]):
         parts.append(f"sort {self.sort}")
         if self.filter_text:
             parts.append(f"filter {self.filter_text!r}")
+        if st is not None:  # what was not decoded or not seen (`infertap status` has the detail)
+            lost = sum(st.decode_lost.values())
+            unseen = sum(st.connections_uninspected.values())
+            if lost:
+                parts.append(f"decode lost {lost}")
+            if unseen:
+                parts.append(f"{unseen} conns not inspected")
         if not self.compact and self.state.policy_hash:
             parts.append(f"policy {self.state.policy_hash[:12]}")
         self.query_one("#header", Static).update(Text(" · ".join(parts), no_wrap=True))

@@ -309,6 +309,8 @@ class TopState:
                 self.activity.append(f"drift {model}: {d['location']} {d['message']}")
         elif kind == "schema":
             self._model(model).schema_findings += 1
+        elif kind == "protocol":  # e.g. http_ambiguous_framing: not tied to a model
+            self.activity.append(f"{d['type']} {d.get('location', '')} to {d.get('service', '?')}")
 
     def _circuit(self, d: Mapping[str, Any]) -> None:
         m = self._model(str(d["model"]))
