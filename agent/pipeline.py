@@ -29,7 +29,7 @@ from infertap.agent.flows.records import (
 from infertap.agent.inspect.engine import InspectionEngine
 from infertap.agent.inspect.findings import Finding
 from infertap.agent.kernel.decode import decode_record
-from infertap.agent.models.adapt import to_inference_event
+from infertap.agent.models.adapt import to_inference_events
 from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.pod_labels import PodDirectory
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
@@ -218,18 +218,31 @@ class Pipeline:
     def _inference(self, ex: HttpExchange, pod: tuple[str, str]) -> None:
         ends = self._by_conn.get(ex.request.connection, {})
         client, server = ends.get(Role.CLIENT), ends.get(Role.SERVER)
-        event = to_inference_event(
+        events = to_inference_events(
             ex,
             ex.request.connection.server,
             client_cgroup=client.cgroup_id if client else 0,
             server_cgroup=server.cgroup_id if server else 0,
         )
-        if event is None or self.inference is None:
+        for event in events:  # several for a stream: each message is its own call
+            self._one_inference(ex, event, pod, client)
+
+    def _one_inference(
+        self,
+        ex: HttpExchange,
+        event: InferenceEvent,
+        pod: tuple[str, str],
+        client: FlowInfo | None,
+    ) -> None:
+        if self.inference is None:
             return
+        if event.unpaired:
+            self.decoder.losses.lost("http2", "stream_unpaired", ex.request.connection)
         for tap in self.inference_taps:
             tap(event)
-        for ex_tap in self.exchange_taps:
-            ex_tap(ex, event, pod)
+        if not event.stream_index:  # mirroring replays an exchange once: its first call
+            for ex_tap in self.exchange_taps:
+                ex_tap(ex, event, pod)
         latency = event.latency_ns / 1e9 if event.latency_ns is not None else None
         self.inference.count(pod, event.model, event.version, event.protocol, event.status, latency)
         findings = self.engine.inspect(event) if self.engine is not None else []
@@ -264,6 +277,8 @@ class Pipeline:
             "outputs": sorted(e.outputs),
             "request_truncated": e.request_truncated,
             "payload_bytes": e.payload_bytes,
+            "stream_index": e.stream_index,
+            "unpaired": e.unpaired,
         }
 
     def _cgroup_for(self, exchange: HttpExchange) -> int:

@@ -35,7 +35,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from infertap.agent.flows.records import ConnectionId, Direction, Endpoint
 from infertap.agent.models import kserve_v2
-from infertap.agent.models.adapt import adapter_counters, to_inference_event
+from infertap.agent.models.adapt import adapter_counters, to_inference_event, to_inference_events
 from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 from infertap.agent.testbed.v2server import V2ServerHandle, start_v2_server
@@ -824,3 +824,71 @@ def test_grpc_body_deframed_when_wire_layer_did_not() -> None:
     ex.request.body = struct.pack(">BI", 1, len(data)) + data  # compressed, not decompressed
     ev = _event(ex)
     assert ev.inputs == {} and "compressed" in ev.error
+
+
+def _stream_request(i: int, rid: str = "") -> bytes:
+    req = service_pb2.ModelInferRequest(model_name="echo", id=rid)
+    req.inputs.add(name="x", datatype="INT64", shape=[1])
+    req.raw_input_contents.append(kserve_v2.encode_raw_tensor("INT64", np.array([i])))
+    return bytes(req.SerializeToString())
+
+
+def _stream_response(i: int, rid: str = "", error: str = "") -> bytes:
+    out = service_pb2.ModelStreamInferResponse(error_message=error)
+    out.infer_response.model_name = "echo"
+    out.infer_response.id = rid
+    out.infer_response.outputs.add(name="x", datatype="INT64", shape=[1])
+    out.infer_response.raw_output_contents.append(
+        kserve_v2.encode_raw_tensor("INT64", np.array([i]))
+    )
+    return bytes(out.SerializeToString())
+
+
+def _stream(requests: list[bytes], responses: list[bytes]) -> list[InferenceEvent]:
+    ex = _bare("/inference.GRPCInferenceService/ModelStreamInfer", b"", "h2", True)
+    ex.request.grpc_messages = requests
+    ex.request.grpc_message_ts = [100 * i for i in range(len(requests))]
+    assert ex.response is not None
+    ex.response.grpc_messages = responses
+    ex.response.grpc_message_ts = [100 * i + 7 for i in range(len(responses))]
+    return to_inference_events(ex, SERVICE)
+
+
+def test_grpc_stream_every_message_is_a_call_paired_in_order_or_by_id() -> None:
+    events = _stream(
+        [_stream_request(i) for i in range(5)], [_stream_response(i) for i in range(5)]
+    )
+    assert [e.stream_index for e in events] == [0, 1, 2, 3, 4]
+    for i, e in enumerate(events):
+        assert e.inputs["x"].tolist() == [i] and e.outputs["x"].tolist() == [i]
+        assert e.status == "ok" and not e.unpaired and e.latency_ns == 7 and e.ts_ns == 100 * i
+    # With distinct ids, answers that come out of order still pair with their own request.
+    ids = ["a", "b", "c"]
+    events = _stream(
+        [_stream_request(i, r) for i, r in enumerate(ids)],
+        [_stream_response(i, ids[i]) for i in (2, 0, 1)],
+    )
+    assert [(e.inputs["x"].tolist(), e.outputs["x"].tolist()) for e in events] == [
+        ([i], [i]) for i in range(3)
+    ]
+    # Latency from each pair's own messages (c's answer came first here: never negative).
+    assert [e.latency_ns for e in events] == [107, 107, 0]
+
+
+def test_grpc_stream_messages_that_cannot_be_paired_are_marked_incomplete() -> None:
+    # Three requests, two answers (the stream ended): the last request is unanswered.
+    events = _stream(
+        [_stream_request(i) for i in range(3)], [_stream_response(i) for i in range(2)]
+    )
+    assert [e.unpaired for e in events] == [False, False, True]
+    assert events[2].response_truncated and events[2].outputs == {} and events[2].error
+    # An answer with no request (its request was not seen): its own event, request side missing.
+    events = _stream([_stream_request(0)], [_stream_response(0), _stream_response(1)])
+    assert [e.unpaired for e in events] == [False, True]
+    assert events[1].request_truncated and events[1].outputs["x"].tolist() == [1]
+    # A per-message error fails that call only.
+    events = _stream(
+        [_stream_request(i) for i in range(2)],
+        [_stream_response(0, error="bad input"), _stream_response(1)],
+    )
+    assert [e.status for e in events] == ["error", "ok"] and events[0].error == "bad input"

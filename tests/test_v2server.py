@@ -160,6 +160,26 @@ def test_grpc_echo_round_trip(gc: Any) -> None:
         _exact(r.as_numpy(name), arr)
 
 
+def test_grpc_bidirectional_stream_answers_each_message_in_order(gc: Any) -> None:
+    import queue
+
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    gc.start_stream(callback=lambda result, error: results.put((result, error)))
+    for i in range(20):
+        x = tgrpc.InferInput("x", [1, 2], "FP32")
+        x.set_data_from_numpy(np.array([[i, -i]], dtype=np.float32))
+        gc.async_stream_infer("echo", [x], request_id=f"r{i}")
+    x = tgrpc.InferInput("features", [1, 3], "FP32")  # fraud wants 8 features: an error
+    x.set_data_from_numpy(np.zeros((1, 3), dtype=np.float32))
+    gc.async_stream_infer("fraud", [x], request_id="bad")
+    got = [results.get(timeout=10) for _ in range(21)]
+    gc.stop_stream()
+    for i, (result, error) in enumerate(got[:20]):
+        assert error is None and result.get_response().id == f"r{i}"
+        _exact(result.as_numpy("x"), np.array([[i, -i]], dtype=np.float32))
+    assert got[20][0] is None and got[20][1] is not None  # the stream survived the bad message
+
+
 def test_errors(hc: Any, gc: Any) -> None:
     bad = np.zeros((1, 3), dtype=np.float32)
     for client, mod in ((hc, thttp), (gc, tgrpc)):

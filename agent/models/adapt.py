@@ -61,13 +61,80 @@ def classify(request: HttpMessage) -> tuple[str, Decoder] | None:
     return None
 
 
+def to_inference_events(
+    exchange: HttpExchange,
+    service: Endpoint,
+    client_cgroup: int = 0,
+    server_cgroup: int = 0,
+) -> list[InferenceEvent]:
+    """The model calls in an exchange: one for a unary call, one per request message of a
+    V2 gRPC stream (ModelStreamInfer), none for traffic that is not a model call."""
+    req = exchange.request
+    if (
+        req.is_grpc
+        and not req.headers_unknown
+        and req.path.split("?", 1)[0] == kserve_v2.GRPC_STREAM_INFER
+    ):
+        try:
+            events = kserve_v2.decode_grpc_stream_exchange(exchange, service)
+        except Exception as exc:  # an adapter bug must not take the sample path down
+            _count("adapter_failures")
+            events = [_failed(exchange, service, kserve_v2.PROTOCOL_GRPC, exc)]
+        for event in events:
+            _finish(event, exchange, client_cgroup, server_cgroup)
+            if event.unpaired:
+                _count("stream_unpaired")
+        return events
+    unary = to_inference_event(exchange, service, client_cgroup, server_cgroup)
+    return [] if unary is None else [unary]
+
+
+def _failed(
+    exchange: HttpExchange, service: Endpoint, protocol: str, exc: Exception
+) -> InferenceEvent:
+    req = exchange.request
+    return InferenceEvent(
+        service=service,
+        model="",
+        version="",
+        protocol=protocol,
+        ts_ns=req.ts_ns,
+        error=f"adapter failure: {type(exc).__name__}",
+        request_truncated=req.body_truncated,
+    )
+
+
+def _finish(
+    event: InferenceEvent, exchange: HttpExchange, client_cgroup: int, server_cgroup: int
+) -> None:
+    """What every event gets from its exchange, and the counters."""
+    req = exchange.request
+    event.client_cgroup = client_cgroup
+    event.server_cgroup = server_cgroup
+    if event.stream_index is None:  # a streamed call has its own, from its messages
+        event.latency_ns = exchange.latency_ns
+    event.endpoint = req.path.split("?", 1)[0]
+    if event.stream_index is None:
+        event.payload_bytes = req.content_length if req.content_length >= 0 else len(req.body)
+    elif event.stream_index < len(req.grpc_messages):
+        event.payload_bytes = len(req.grpc_messages[event.stream_index])
+    _count(f"events_{event.protocol}")
+    if event.error:
+        _count("decode_errors")
+    if event.request_truncated:
+        _count("request_truncated")
+    if event.response_truncated:
+        _count("response_truncated")
+
+
 def to_inference_event(
     exchange: HttpExchange,
     service: Endpoint,
     client_cgroup: int = 0,
     server_cgroup: int = 0,
 ) -> InferenceEvent | None:
-    """The model call in an exchange, or None for traffic that is not a model call."""
+    """The model call in an exchange, or None for traffic that is not a model call. (A stream's
+    first call only: the pipeline uses to_inference_events.)"""
     req = exchange.request
     if req.headers_unknown:
         # HPACK state was lost: path and content-type cannot be trusted, so the call cannot be
@@ -87,25 +154,6 @@ def to_inference_event(
         event = decode(exchange, service)
     except Exception as exc:  # an adapter bug must not take the sample path down
         _count("adapter_failures")
-        event = InferenceEvent(
-            service=service,
-            model="",
-            version="",
-            protocol=protocol,
-            ts_ns=req.ts_ns,
-            error=f"adapter failure: {type(exc).__name__}",
-            request_truncated=req.body_truncated,
-        )
-    event.client_cgroup = client_cgroup
-    event.server_cgroup = server_cgroup
-    event.latency_ns = exchange.latency_ns
-    event.endpoint = req.path.split("?", 1)[0]
-    event.payload_bytes = req.content_length if req.content_length >= 0 else len(req.body)
-    _count(f"events_{protocol}")
-    if event.error:
-        _count("decode_errors")
-    if event.request_truncated:
-        _count("request_truncated")
-    if event.response_truncated:
-        _count("response_truncated")
+        event = _failed(exchange, service, protocol, exc)
+    _finish(event, exchange, client_cgroup, server_cgroup)
     return event

@@ -43,6 +43,11 @@ class InferenceEvent:
     request_id: str = ""  # the protocol's own request id (V2 "id"), when sent
     requested_outputs: list[str] = field(default_factory=list)  # V2 outputs asked for by name
     output_texts: list[str] = field(default_factory=list)  # free text the model returned (OpenAI)
+    # Streaming calls (gRPC ModelStreamInfer): each request message is its own event. Its
+    # position on the stream, or None for a unary call; `unpaired`: no counterpart message could
+    # be paired with it (a request never answered, or an answer to no request seen): incomplete.
+    stream_index: int | None = None
+    unpaired: bool = False
 
     def input_array(self, name: str) -> npt.NDArray[Any] | None:
         a = self.inputs.get(name)

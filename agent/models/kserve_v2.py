@@ -45,7 +45,8 @@ PROTOCOL_REST = "kserve-v2-rest"
 PROTOCOL_GRPC = "kserve-v2-grpc"
 
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
-GRPC_INFER_METHODS = frozenset({GRPC_SERVICE + "ModelInfer", GRPC_SERVICE + "ModelStreamInfer"})
+GRPC_STREAM_INFER = GRPC_SERVICE + "ModelStreamInfer"
+GRPC_INFER_METHODS = frozenset({GRPC_SERVICE + "ModelInfer", GRPC_STREAM_INFER})
 HEADER_LENGTH = "inference-header-content-length"
 
 # Wire datatype -> numpy dtype (native byte order; raw bytes are read as little-endian).
@@ -560,11 +561,113 @@ def decode_rest_exchange(exchange: HttpExchange, service: Endpoint) -> Inference
     return event
 
 
-def decode_grpc_exchange(exchange: HttpExchange, service: Endpoint) -> InferenceEvent:
-    """An InferenceEvent from a V2 gRPC ModelInfer (or ModelStreamInfer) exchange.
+def _stream_pairs(
+    request_ids: list[str], response_ids: list[str]
+) -> tuple[list[tuple[int, int | None]], list[int]]:
+    """Pair the messages of a bidirectional stream: (request index, response index or None) for
+    every request, and the responses paired with none. By `id` when every request carries a
+    distinct one (responses echo it); else in order, one answer per request."""
+    if request_ids and all(request_ids) and len(set(request_ids)) == len(request_ids):
+        by_id = {rid: i for i, rid in enumerate(request_ids)}
+        answer: dict[int, int] = {}
+        extra: list[int] = []
+        for j, rid in enumerate(response_ids):
+            i = by_id.get(rid)
+            if i is None or i in answer:  # unknown id, or a second answer (decoupled model)
+                extra.append(j)
+            else:
+                answer[i] = j
+        return [(i, answer.get(i)) for i in range(len(request_ids))], extra
+    n = min(len(request_ids), len(response_ids))
+    pairs: list[tuple[int, int | None]] = [
+        (i, i if i < n else None) for i in range(len(request_ids))
+    ]
+    return pairs, list(range(n, len(response_ids)))
 
-    For ModelStreamInfer only the first request and response messages are decoded.
-    """
+
+def decode_grpc_stream_exchange(exchange: HttpExchange, service: Endpoint) -> list[InferenceEvent]:
+    """One InferenceEvent per request message of a ModelStreamInfer stream, each with the
+    response message paired with it (see _stream_pairs) and its own latency (from the kernel
+    times of the two messages' sends). A request with no answer, or an answer with no request,
+    is its own event marked `unpaired` (and truncated on the missing side)."""
+    req, resp = exchange.request, exchange.response
+    requests: list[tuple[V2Payload | None, str]] = []  # (payload, decode problem)
+    for raw in req.grpc_messages:
+        try:
+            requests.append((decode_grpc_request(_parse(service_pb2.ModelInferRequest, raw)), ""))
+        except V2DecodeError as exc:
+            requests.append((None, f"request: {exc}"))
+    responses: list[tuple[V2Payload | None, str]] = []
+    stream_status, stream_error = grpc_status(resp) if resp is not None else ("", "")
+    for raw in resp.grpc_messages if resp is not None else []:
+        try:
+            smsg = _parse(service_pb2.ModelStreamInferResponse, raw)
+            responses.append((decode_grpc_response(smsg.infer_response), smsg.error_message))
+        except V2DecodeError as exc:
+            responses.append((None, f"response: {exc}"))
+    pairs, extra = _stream_pairs(
+        [p.id if p is not None else "" for p, _ in requests],
+        [p.id if p is not None else "" for p, _ in responses],
+    )
+    req_ts, resp_ts = req.grpc_message_ts, resp.grpc_message_ts if resp is not None else []
+    events: list[InferenceEvent] = []
+
+    def new(index: int, ts: int) -> InferenceEvent:
+        ev = InferenceEvent(service=service, model="", version="", protocol=PROTOCOL_GRPC, ts_ns=ts)
+        ev.stream_index = index
+        return ev
+
+    def answer(ev: InferenceEvent, j: int) -> None:
+        payload, problem = responses[j]
+        if payload is not None:
+            _fill_response(ev, payload)
+            if not ev.model:
+                ev.model, ev.version = payload.model_name, payload.model_version
+            if payload.problems:
+                _add_error(ev, "response: " + ", ".join(payload.problems))
+        if problem:
+            _add_error(ev, problem)
+        # A per-message error (Triton's error_message) fails that call, not the stream.
+        ev.status = "error" if problem else (stream_status or "ok")
+
+    for i, j in pairs:
+        ev = new(i, req_ts[i] if i < len(req_ts) else req.ts_ns)
+        payload, problem = requests[i]
+        if payload is not None:
+            ev.model, ev.version = payload.model_name, payload.model_version
+            _fill_request(ev, payload)
+            if payload.problems:
+                _add_error(ev, "request: " + ", ".join(payload.problems))
+        if problem:
+            _add_error(ev, problem)
+        if j is None:
+            ev.unpaired = True
+            ev.response_truncated = True
+            ev.status = stream_status if stream_status not in ("", "ok") else ""
+            _add_error(ev, stream_error or "stream: no response message paired with this request")
+        else:
+            answer(ev, j)
+            if j < len(resp_ts) and i < len(req_ts):
+                ev.latency_ns = max(0, resp_ts[j] - req_ts[i])
+        events.append(ev)
+    for j in extra:
+        ev = new(len(events), resp_ts[j] if j < len(resp_ts) else req.ts_ns)
+        ev.unpaired = True
+        ev.request_truncated = True
+        answer(ev, j)
+        _add_error(ev, "stream: response message paired with no request")
+        events.append(ev)
+    if req.body_truncated and events:
+        # Messages after a hole in the request body were not seen: the last ones may miss.
+        events[-1].request_truncated = True
+    if resp is not None and resp.body_truncated and events:
+        events[-1].response_truncated = True
+    return events
+
+
+def decode_grpc_exchange(exchange: HttpExchange, service: Endpoint) -> InferenceEvent:
+    """An InferenceEvent from a V2 gRPC ModelInfer exchange (ModelStreamInfer: the stream's
+    first messages; decode_grpc_stream_exchange decodes every message of a stream)."""
     req = exchange.request
     stream = req.path.endswith("/ModelStreamInfer")
     event = InferenceEvent(

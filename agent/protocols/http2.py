@@ -18,6 +18,7 @@ would attribute one request's headers to another).
 
 from __future__ import annotations
 
+import bisect
 import enum
 import logging
 import struct
@@ -35,7 +36,11 @@ from hyperframe.frame import (
 
 from infertap.agent.flows.reassembly import Chunk, GapCause
 from infertap.agent.flows.records import ConnectionId, Direction, Endpoint
-from infertap.agent.protocols.content import decode_content, split_grpc_messages
+from infertap.agent.protocols.content import (
+    GRPC_PREFIX_LEN,
+    decode_content,
+    split_grpc_messages,
+)
 from infertap.agent.protocols.losses import HTTP2, DecodeLosses
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
@@ -90,6 +95,8 @@ class _Body:
     parts: list[bytes] = field(default_factory=list)
     kept: int = 0
     cut: bool = False  # bytes were lost: nothing after the hole is appended
+    # (body offset, kernel time) of each DATA payload kept: when each gRPC message was sent.
+    marks: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True, eq=False)
@@ -520,6 +527,7 @@ class Http2Connection:
             self.stats["h2_bodies_over_limit"] += 1
             self.lost("over_limit")
         if data:
+            body.marks.append((body.kept, ts))
             body.parts.append(bytes(data))
             body.kept += len(data)
 
@@ -678,6 +686,7 @@ class Http2Connection:
                 MAX_GRPC_MESSAGES,
             )
             msg.grpc_messages = grpc.messages
+            msg.grpc_message_ts = _message_times(raw, body.marks, len(grpc.messages), msg.ts_ns)
             if not grpc.ok:
                 self.stats["body_decode_errors"] += 1
             return
@@ -718,6 +727,19 @@ class Http2Connection:
         if stream.response is None:
             self.stats["requests_unanswered"] += 1
         out.append(HttpExchange(stream.request, stream.response))
+
+
+def _message_times(raw: bytes, marks: list[tuple[int, int]], count: int, default: int) -> list[int]:
+    """Kernel time of the send that carried the first byte of each of the first `count` gRPC
+    messages of a body (their length prefixes chain from offset 0)."""
+    out: list[int] = []
+    offsets = [offset for offset, _ts in marks]
+    pos = 0
+    while len(out) < count and pos + GRPC_PREFIX_LEN <= len(raw):
+        i = bisect.bisect_right(offsets, pos) - 1
+        out.append(marks[i][1] if i >= 0 else default)
+        pos += GRPC_PREFIX_LEN + int.from_bytes(raw[pos + 1 : pos + GRPC_PREFIX_LEN], "big")
+    return out
 
 
 def _status(headers: list[tuple[bytes, bytes]] | None) -> int:

@@ -31,6 +31,8 @@ class HttpMessage:
     content_length: int = -1  # -1 when not given
     stream_id: int = 0  # HTTP/2 stream id; 0 for HTTP/1
     grpc_messages: list[bytes] = field(default_factory=list)  # de-framed, decompressed
+    # Kernel time of the send that carried each gRPC message's first byte (streaming calls).
+    grpc_message_ts: list[int] = field(default_factory=list)
     trailers_unknown: bool = False  # HTTP/2: the trailer block came after HPACK state was lost
     # HTTP/1: Content-Length and Transfer-Encoding both given (or Content-Length twice): where
     # the body ends depends on who reads it (request smuggling). The rest of the header block

@@ -10,7 +10,8 @@ REST: GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{m}[/versions/{v}] 
 .../ready; POST .../infer with JSON or the binary tensor extension (outputs come back binary when
 asked for with `binary_data`, or `binary_data_output` for all). gRPC: tritonclient's
 inference.GRPCInferenceService (ServerLive, ServerReady, ServerMetadata, ModelReady,
-ModelMetadata, ModelInfer); replies carry raw_output_contents, as Triton's do.
+ModelMetadata, ModelInfer, and bidirectional ModelStreamInfer: one response message per request
+message, in order); replies carry raw_output_contents, as Triton's do.
 
 In-process: `start_v2_server(host, http_port, grpc_port)` (port 0 picks a free one). As a
 process: `python -m infertap.agent.testbed.v2server --host H --http-port P --grpc-port Q`, which
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -384,6 +385,23 @@ class _Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         except (V2DecodeError, ModelError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return grpc_infer_response(model, req, outputs)
+
+    def ModelStreamInfer(
+        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        """Bidirectional streaming, as Triton's: one response message per request message, in
+        order; a request that fails gets a response with `error_message` and the stream goes on."""
+        for request in request_iterator:
+            try:
+                model = find_model(request.model_name, request.model_version)
+                req = kserve_v2.decode_grpc_request(request)
+                outputs = run_model(model, req)
+            except (NotFound, V2DecodeError, ModelError) as exc:
+                yield service_pb2.ModelStreamInferResponse(error_message=str(exc))
+                continue
+            yield service_pb2.ModelStreamInferResponse(
+                infer_response=grpc_infer_response(model, req, outputs)
+            )
 
 
 # ---------------------------------------------------------------------------------------------

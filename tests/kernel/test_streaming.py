@@ -1,0 +1,78 @@
+"""Streaming calls over real interception, with real clients: every message of a tritonclient
+ModelStreamInfer stream is its own call, paired with its answer."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+from support import needs_root
+
+from infertap.agent.testbed.v2server import start_in_pod
+
+pytestmark = [needs_root, pytest.mark.kernel]
+
+HTTP_PORT, GRPC_PORT = 8020, 8021
+MESSAGES = 100
+
+# tritonclient.grpc's own streaming API: one bidirectional ModelStreamInfer stream, MESSAGES
+# requests on it, each answered before the stream is closed.
+STREAM_CLIENT = f"""
+import queue, sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+client = grpcclient.InferenceServerClient(url=sys.argv[1] + ":{GRPC_PORT}")
+done = queue.Queue()
+client.start_stream(callback=lambda result, error: done.put(error))
+for i in range({MESSAGES}):
+    x = grpcclient.InferInput("x", [1, 3], "FP32")
+    x.set_data_from_numpy(np.array([[i, i + 0.5, -i]], dtype=np.float32))
+    client.async_stream_infer("echo", [x])
+errors = [done.get(timeout=30) for _ in range({MESSAGES})]
+client.stop_stream()
+client.close()
+assert not any(errors), errors
+print("done", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def servers(lab: Any) -> Any:
+    server = lab.pods["server"]
+    start_in_pod(server, HTTP_PORT, GRPC_PORT)
+    return server
+
+
+def test_every_message_on_a_v2_grpc_stream_is_its_own_call(
+    agent: Any, lab: Any, servers: Any
+) -> None:
+    rec = agent.recorder
+    done = lab.pods["client"].run(
+        [sys.executable, "-c", STREAM_CLIENT, servers.ip], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr[-2000:]
+
+    def streamed() -> list[Any]:
+        return [
+            e
+            for e in rec.inferences
+            if e.endpoint.endswith("/ModelStreamInfer") and e.service.port == GRPC_PORT
+        ]
+
+    events = rec.wait_for(lambda: streamed() if len(streamed()) >= MESSAGES else None)
+    assert len(events) == MESSAGES  # not one event for the whole stream
+    assert [e.stream_index for e in events] == list(range(MESSAGES))
+    for i, e in enumerate(events):
+        want = np.array([[i, i + 0.5, -i]], dtype=np.float32)
+        assert e.model == "echo" and e.protocol == "kserve-v2-grpc" and e.status == "ok"
+        assert not e.unpaired and not e.request_truncated and not e.response_truncated
+        assert np.array_equal(e.inputs["x"], want)
+        assert np.array_equal(e.outputs["x"], want)  # paired with its own answer
+        assert e.latency_ns is not None and e.latency_ns > 0
+    # Each call's time is its own message's: they were sent one after the other.
+    assert all(a.ts_ns <= b.ts_ns for a, b in itertools.pairwise(events))
+    assert events[-1].ts_ns > events[0].ts_ns
