@@ -10,21 +10,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 
+from infertap.agent.api.port import AgentStatus, FlowRow, ModelsView
 from infertap.agent.defaults import (
     DEFAULT_API,
     DEFAULT_METRICS,
     DEFAULT_RUN_DIR,
     parse_host_port,
 )
-from infertap.agent.enforce.verdicts import VerdictStore
-from infertap.agent.export.event_hub import AgentEvent, EventHub
+from infertap.agent.enforce.actions import FindingActions
+from infertap.agent.enforce.verdicts import AnnouncedVerdicts, VerdictStore
+from infertap.agent.export.event_hub import AgentEvent, EventHub, Subscription
 from infertap.agent.export.metrics import (
     FlowAccounting,
     InferenceMetrics,
@@ -35,8 +36,8 @@ from infertap.agent.export.metrics import (
     VisibilityCollector,
 )
 from infertap.agent.export.tracing import CallTracer
+from infertap.agent.export.tracing_spec import TracingSpec
 from infertap.agent.flows.records import FlowInfo
-from infertap.agent.governor import Governor
 from infertap.agent.inspect.engine import InspectionEngine
 from infertap.agent.kernel.ringbuf import RingReader
 from infertap.agent.kernel.sensor import Sensor, SensorOptions
@@ -44,8 +45,10 @@ from infertap.agent.kernel.steering import Steering
 from infertap.agent.mirror.mirror import Mirror
 from infertap.agent.pipeline import Pipeline
 from infertap.agent.pod_labels import PodDirectory
+from infertap.agent.policy.applier import PolicyApplier
 from infertap.agent.policy.loader import default_policy, load_policy
-from infertap.agent.policy.schema import SamplingSpec, observe_only
+from infertap.agent.policy.schema import Policy, SamplingSpec, observe_only
+from infertap.agent.polyfill.clients import ClientPods
 from infertap.agent.polyfill.unit import Polyfill
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,15 @@ class AgentOptions:
             policy.sample_one_in if self.sample_one_in is None else self.sample_one_in,
         )
 
+    def tracing(self, policy: TracingSpec) -> TracingSpec:
+        """The policy's tracing section with the command line's flags over it."""
+        spec = policy
+        if self.otlp_endpoint is not None:
+            spec = replace(spec, endpoint=self.otlp_endpoint)
+        if self.trace_sample_ratio is not None:
+            spec = replace(spec, sample_ratio=self.trace_sample_ratio)
+        return spec
+
     @property
     def mode(self) -> str:
         if self.kubernetes:
@@ -119,11 +131,12 @@ class Agent:
         self.inference = InferenceMetrics(self.registry)
         self.engine = InspectionEngine()
         self.policy_hash = ""
-        self.circuit_states: Callable[[], dict[str, int]] = dict
         self.pods = PodDirectory(self.sensor.mount)
-        self.verdicts = VerdictStore(self.sensor)
-        self.mirror = Mirror(self.events, self.registry)  # configured by the governor's apply()
-        self.governor = Governor(self, policy)
+        self.store = VerdictStore(self.sensor)
+        # Every verdict change, whoever makes it (breaker, policy action, API), is an event.
+        self.verdicts = AnnouncedVerdicts(self.store, self.events.publish)
+        self.mirror = Mirror(self.events, self.registry)  # configured by the policy applier
+        self.actions = FindingActions(policy, self.verdicts, self.events.publish)
         self.pipeline = Pipeline(
             self.events,
             self.traffic,
@@ -132,20 +145,41 @@ class Agent:
             on_flow_end=self._flow_ended,
             inference=self.inference,
             engine=self.engine,
-            on_inspected=self.governor.on_inspected,
+            on_inspected=self.actions.on_inspected,
         )
         self.pipeline.exchange_taps.append(self.mirror.tap)
-        self.tracer = CallTracer(self.pods.labels)  # configured by the governor's apply()
+        self.tracer = CallTracer(self.pods.labels)  # configured by the policy applier
         self.pipeline.exchange_taps.append(self.tracer.tap)
-        self.circuit_states = self.governor.states
         # Loaded only when the starting policy routes something: its getsockopt program runs
         # on every getsockopt in the pods. Routes added by a later reload need a restart.
         self.steering: Steering | None = None
         self.polyfill: Polyfill | None = None
-        if self.governor.policy.routes or self.governor.policy.polyfill:
+        if policy.routes or policy.polyfill:
             self.steering = Steering(options.run_dir, cgroup_mount=self.sensor.mount)
-        if self.steering is not None and self.governor.policy.polyfill:
+        if self.steering is not None and policy.polyfill:
             self.polyfill = Polyfill(self.steering)
+        self.clients = ClientPods(self.sensor.mount, self.pods.cgroup_of)
+        self.policy = PolicyApplier(
+            policy,
+            engine=self.engine,
+            mirror=self.mirror,
+            sensor=self.sensor,
+            publish=self.events.publish,
+            # Ports given on the command line win over the policy's; and without a policy file
+            # (the built-in, observe-only one) every TCP flow is watched, as `run` documents.
+            ports_from_policy=not options.ports and options.policy is not None,
+            accelerate=options.accelerate,
+            sampling=options.sampling,  # flags win over the policy
+            steering=self.steering,
+            polyfill=self.polyfill,
+            clients=self.clients,
+            listeners=(
+                lambda p: self.inference.model_label.set_known(m.name for m in p.models),
+                lambda p: self.tracer.configure(options.tracing(p.tracing)),
+                self.actions.reconfigure,
+                self._policy_in_force,
+            ),
+        )
         self.ready = False
         self.started_at = time.time()
         self._stop = threading.Event()
@@ -177,11 +211,11 @@ class Agent:
         self.sensor.start()
         if self.steering is not None:
             self.steering.start()  # before the policy is applied: it sets the routes
-        self.governor.apply(self.governor.policy)
+        self.policy.apply(self.policy.policy)
         self.mirror.start()
-        self.governor.start()
+        self.actions.start()
         if self.options.policy is not None:
-            self.governor.watch(self.options.policy)
+            self.policy.watch(self.options.policy)
         if self.sensor.swept:
             log.warning("removed %d program(s) a previous agent left attached", self.sensor.swept)
         if self.options.kubernetes:
@@ -205,7 +239,7 @@ class Agent:
         self.registry.register(
             ModelStateCollector(
                 self.engine.drift_values,
-                lambda: self.circuit_states(),
+                self.actions.states,
                 lambda: self.policy_hash,
                 self.engine.bin_values,
             )
@@ -232,7 +266,7 @@ class Agent:
             self.sensor.mount,
             self._pod_event,
             api=self.options.kube_api,
-            namespace_selector=self.governor.policy.discovery.namespace_selector,
+            namespace_selector=self.policy.policy.discovery.namespace_selector,
         )
         self._watch_thread = threading.Thread(
             target=self._watcher.run, args=(self._stop,), name="pod-watch", daemon=True
@@ -270,7 +304,8 @@ class Agent:
         if api is not None:
             api.stop()  # type: ignore[attr-defined]
             self.api = None
-        self.governor.stop()
+        self.policy.stop()
+        self.actions.stop()
         self.mirror.stop()  # before the hub closes: workers may still publish results
         self.tracer.stop()  # flushes the spans still queued
         if self._watch_thread is not None:
@@ -288,7 +323,7 @@ class Agent:
             self.metrics = None
         if self.polyfill is not None:
             self.polyfill.stop()  # its rewriters and map entries, before the maps go
-        self.governor.release_netns()
+        self.clients.release()
         if self.steering is not None:
             self.steering.close()
         self.sensor.close()
@@ -321,9 +356,12 @@ class Agent:
             log.exception("ring buffer reader stopped")
 
     def _flow_ended(self, flow: FlowInfo) -> None:
-        self.verdicts.flow_ended(flow.cookie)
+        self.store.flow_ended(flow.cookie)
 
-    # ---- views for the API -----------------------------------------------------------------------
+    def _policy_in_force(self, policy: Policy) -> None:
+        self.policy_hash = policy.hash
+
+    # ---- views for the API (agent/api/port.py ControlPort): any thread ---------------------------
 
     def flows(self) -> list[FlowInfo]:
         return self.sensor.flows()
@@ -332,7 +370,30 @@ class Agent:
         """Connections in the watched pods whose traffic is not inspected, by reason."""
         return {}
 
-    def publish_verdict(self, description: str, data: dict[str, object]) -> None:
-        self.events.publish(
-            AgentEvent("verdict", time.monotonic_ns(), {"description": description, **data})
+    def status(self) -> AgentStatus:
+        sample_bytes, sample_one_in = self.sensor.sampling() if self.sensor.headers else (0, 0)
+        return AgentStatus(
+            ready=self.ready,
+            mode=self.options.mode,
+            cgroups=[str(p) for p in self.sensor.attached],
+            ports=list(self.options.ports),
+            kernel_stats=self.sensor.stats(),
+            flows_active=len(self.flows()),
+            headers=self.sensor.headers.origin if self.sensor.headers else "",
+            sample_bytes=sample_bytes,
+            sample_one_in=sample_one_in,
+            decode_lost=self.pipeline.decoder.losses.by_key(),
+            connections_uninspected=self.uninspected_counts(),
         )
+
+    def flow_rows(self) -> list[FlowRow]:
+        return [
+            FlowRow(f, self.pods.path_of(f.cgroup_id), self.pipeline.decoder.protocol_of(f.cookie))
+            for f in self.flows()
+        ]
+
+    def models(self) -> ModelsView:
+        return ModelsView(self.actions.states(), self.engine.drift_values(), self.policy_hash)
+
+    def subscribe(self, kinds: frozenset[str]) -> Subscription:
+        return self.events.subscribe(kinds)

@@ -14,8 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import grpc
 import pytest
@@ -23,6 +21,7 @@ import pytest
 from infertap.agent.api import infertap_pb2 as pb
 from infertap.agent.api import infertap_pb2_grpc as pb_grpc
 from infertap.agent.api.client import AgentUnreachable, connect
+from infertap.agent.api.port import AgentStatus, FlowRow, ModelsView
 from infertap.agent.api.server import ApiServer
 from infertap.agent.api.tls import (
     CA_CERT,
@@ -36,7 +35,8 @@ from infertap.agent.api.tls import (
     VerdictGuard,
     make_dev_ca,
 )
-from infertap.agent.enforce.verdicts import Verdict
+from infertap.agent.enforce.verdicts import Verdict, unblocked
+from infertap.agent.export.event_hub import EventHub, Subscription
 from infertap.agent.flows.records import Endpoint
 
 INFERTAP = [sys.executable, "-m", "infertap.cli.main"]
@@ -45,39 +45,65 @@ SERVICE = pb.Target(service=pb.Endpoint(ip="10.0.0.7", port=8000))
 
 @dataclass
 class FakeVerdicts:
-    """VerdictStore's API over a dict: what the servicer calls for service targets."""
+    """The API's verdict port over a dict, announcing each change as the agent's does."""
 
     blocked: dict[Endpoint, Verdict] = field(default_factory=dict)
+    published: list[str] = field(default_factory=list)
+
+    def block_flow(self, flow_id: int, reason: str = "") -> Verdict | None:
+        raise AssertionError("no flows here: the servicer answers NOT_FOUND first")
+
+    def unblock_flow(self, flow_id: int) -> Verdict | None:
+        return None
 
     def block_service(self, service: Endpoint, reason: str = "") -> Verdict | None:
         if service in self.blocked:
             return None
         v = Verdict("service", 0, service, "block", reason, 0.0)
         self.blocked[service] = v
+        self.published.append(v.describe())
         return v
 
     def unblock_service(self, service: Endpoint) -> Verdict | None:
-        return self.blocked.pop(service, None)
+        v = self.blocked.pop(service, None)
+        if v is not None:
+            self.published.append(unblocked(v))
+        return v
 
     def list(self) -> list[Verdict]:
         return list(self.blocked.values())
 
 
 class FakeAgent:
-    """The attributes ControlServicer reads for GetStatus, Block, Unblock and ListVerdicts."""
+    """The ControlPort (agent/api/port.py) the servicer reads, without a kernel."""
 
     def __init__(self) -> None:
-        self.ready = True
-        self.options = SimpleNamespace(mode="node", ports=(8000,))
-        self.sensor = SimpleNamespace(attached=["/"], stats=lambda: {"flows_seen": 3}, headers=None)
         self.verdicts = FakeVerdicts()
-        self.published: list[str] = []
+        self.hub = EventHub()
 
-    def flows(self) -> list[Any]:
+    @property
+    def published(self) -> list[str]:
+        return self.verdicts.published
+
+    def status(self) -> AgentStatus:
+        return AgentStatus(
+            ready=True,
+            mode="node",
+            cgroups=["/"],
+            ports=[8000],
+            kernel_stats={"flows_seen": 3},
+            flows_active=0,
+            headers="",
+        )
+
+    def flow_rows(self) -> list[FlowRow]:
         return []
 
-    def publish_verdict(self, description: str, data: dict[str, str]) -> None:
-        self.published.append(description)
+    def models(self) -> ModelsView:
+        return ModelsView()
+
+    def subscribe(self, kinds: frozenset[str]) -> Subscription:
+        return self.hub.subscribe(kinds)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +130,7 @@ class Running:
 @contextmanager
 def serve(address: str, tls_dir: Path | None, allowed: tuple[str, ...] = ()) -> Iterator[Running]:
     agent = FakeAgent()
-    server = ApiServer(agent, address, tls_dir, allowed)  # type: ignore[arg-type]
+    server = ApiServer(agent, address, tls_dir, allowed)
     server.start()
     try:
         yield Running(agent, f"127.0.0.1:{server.port}" if server.port else address)
@@ -210,13 +236,13 @@ def test_the_server_name_is_checked_and_can_be_overridden(tls_server: Running, c
 
 def test_tcp_listener_without_tls_material_is_refused(tmp_path: Path, certs: Path) -> None:
     with pytest.raises(TlsError) as err:
-        ApiServer(FakeAgent(), "127.0.0.1:0")  # type: ignore[arg-type]
+        ApiServer(FakeAgent(), "127.0.0.1:0")
     text = str(err.value)
     assert "\n" not in text and "--tls-dir" in text and "unix:" in text
     for name in (CA_CERT, SERVER_CERT):  # a set without its key
         (tmp_path / name).write_bytes((certs / name).read_bytes())
     with pytest.raises(TlsError, match=SERVER_KEY.replace(".", r"\.")):
-        ApiServer(FakeAgent(), "127.0.0.1:0", tmp_path)  # type: ignore[arg-type]
+        ApiServer(FakeAgent(), "127.0.0.1:0", tmp_path)
 
 
 def test_cli_run_on_tcp_without_tls_is_one_line() -> None:

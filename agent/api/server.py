@@ -16,20 +16,17 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 
 from infertap import __version__
 from infertap.agent.api import infertap_pb2 as pb
 from infertap.agent.api import infertap_pb2_grpc as pb_grpc
+from infertap.agent.api.port import ControlPort
 from infertap.agent.api.tls import VerdictGuard, is_unix, server_tls_for
-from infertap.agent.enforce.verdicts import Verdict
+from infertap.agent.enforce.verdicts import Verdict, unblocked
 from infertap.agent.export.event_hub import AgentEvent
 from infertap.agent.flows.records import Endpoint, FlowInfo
-
-if TYPE_CHECKING:
-    from infertap.agent.runtime import Agent
 
 log = logging.getLogger(__name__)
 
@@ -109,40 +106,33 @@ def event_pb(e: AgentEvent) -> pb.Event:
 
 
 class ControlServicer(pb_grpc.ControlServicer):
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: ControlPort) -> None:
         self.agent = agent
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.Status:
-        a = self.agent
-        sample_bytes, sample_one_in = a.sensor.sampling() if a.sensor.headers else (0, 0)
+        st = self.agent.status()
         return pb.Status(
             version=__version__,
-            ready=a.ready,
-            mode=a.options.mode,
-            cgroups=[str(p) for p in a.sensor.attached],
-            ports=list(a.options.ports),
-            kernel_stats=a.sensor.stats(),
-            flows_active=len(a.flows()),
-            headers=a.sensor.headers.origin if a.sensor.headers else "",
-            sample_bytes=sample_bytes,
-            sample_one_in=sample_one_in,
-            decode_lost=a.pipeline.decoder.losses.by_key(),
-            connections_uninspected=a.uninspected_counts(),
+            ready=st.ready,
+            mode=st.mode,
+            cgroups=st.cgroups,
+            ports=st.ports,
+            kernel_stats=st.kernel_stats,
+            flows_active=st.flows_active,
+            headers=st.headers,
+            sample_bytes=st.sample_bytes,
+            sample_one_in=st.sample_one_in,
+            decode_lost=st.decode_lost,
+            connections_uninspected=st.connections_uninspected,
         )
 
     def ListFlows(
         self, request: pb.ListFlowsRequest, context: grpc.ServicerContext
     ) -> pb.ListFlowsResponse:
         now = time.monotonic_ns()  # the kernel's bpf_ktime_get_ns is CLOCK_MONOTONIC
-        a = self.agent
-        flows = sorted(a.flows(), key=lambda f: f.cookie)
+        rows = sorted(self.agent.flow_rows(), key=lambda r: r.flow.cookie)
         return pb.ListFlowsResponse(
-            flows=[
-                flow_pb(
-                    f, a.pods.path_of(f.cgroup_id), a.pipeline.decoder.protocol_of(f.cookie), now
-                )
-                for f in flows
-            ]
+            flows=[flow_pb(r.flow, r.cgroup, r.protocol, now) for r in rows]
         )
 
     def _target(
@@ -171,14 +161,13 @@ class ControlServicer(pb_grpc.ControlServicer):
         kind, flow_id, svc = self._target(request, context)
         store = self.agent.verdicts
         if kind == "flow":
-            if flow_id not in {f.cookie for f in self.agent.flows()}:
+            if flow_id not in {r.flow.cookie for r in self.agent.flow_rows()}:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no intercepted flow with id {flow_id}")
             v = store.block_flow(flow_id, reason="api")
         else:
             v = store.block_service(svc, reason="api")
         if v is None:
             return pb.VerdictReply(changed=False, description="already blocked")
-        self.agent.publish_verdict(v.describe(), {"action": "block"})
         return pb.VerdictReply(changed=True, description=v.describe())
 
     def Unblock(self, request: pb.Target, context: grpc.ServicerContext) -> pb.VerdictReply:
@@ -187,12 +176,7 @@ class ControlServicer(pb_grpc.ControlServicer):
         v = store.unblock_flow(flow_id) if kind == "flow" else store.unblock_service(svc)
         if v is None:
             return pb.VerdictReply(changed=False, description="was not blocked")
-        self.agent.publish_verdict(
-            f"unblocked {v.describe().removeprefix('block ')}", {"action": "unblock"}
-        )
-        return pb.VerdictReply(
-            changed=True, description=f"unblocked {v.describe().removeprefix('block ')}"
-        )
+        return pb.VerdictReply(changed=True, description=unblocked(v))
 
     def ListVerdicts(
         self, request: pb.ListVerdictsRequest, context: grpc.ServicerContext
@@ -202,21 +186,21 @@ class ControlServicer(pb_grpc.ControlServicer):
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListModelsResponse:
-        a = self.agent
+        view = self.agent.models()
         models: dict[str, pb.ModelState] = {}
-        for name, state in a.circuit_states().items():
+        for name, state in view.circuit_states.items():
             models[name] = pb.ModelState(name=name, circuit_state=state)
-        for (model, feature, stat), value in sorted(a.engine.drift_values().items()):
+        for (model, feature, stat), value in sorted(view.drift.items()):
             m = models.setdefault(model, pb.ModelState(name=model))
             m.drift.append(pb.DriftValue(feature=feature, stat=stat, value=value))
         return pb.ListModelsResponse(
-            models=[models[k] for k in sorted(models)], policy_hash=a.policy_hash
+            models=[models[k] for k in sorted(models)], policy_hash=view.policy_hash
         )
 
     def StreamEvents(
         self, request: pb.StreamEventsRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Event]:
-        sub = self.agent.events.subscribe(frozenset(request.kinds))
+        sub = self.agent.subscribe(frozenset(request.kinds))
         try:
             while context.is_active() and not sub.closed:
                 event = sub.get(timeout=0.5)
@@ -229,7 +213,7 @@ class ControlServicer(pb_grpc.ControlServicer):
 class ApiServer:
     def __init__(
         self,
-        agent: Agent,
+        agent: ControlPort,
         address: str,
         tls_dir: Path | None = None,
         allowed_identities: Iterable[str] = (),

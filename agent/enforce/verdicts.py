@@ -14,10 +14,12 @@ import ctypes as ct
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from infertap.agent.export.event_hub import AgentEvent
 from infertap.agent.flows.records import Endpoint, FlowInfo
 from infertap.agent.kernel import decode, structs
 
@@ -138,3 +140,51 @@ class VerdictStore:
     def list(self) -> list[Verdict]:
         with self._lock:
             return [*self._flows.values(), *self._services.values()]
+
+
+def unblocked(v: Verdict) -> str:
+    """How a lifted verdict is described: "unblocked service 10.0.0.7:8000 (reason)"."""
+    return f"unblocked {v.describe().removeprefix('block ')}"
+
+
+class AnnouncedVerdicts:
+    """A VerdictStore whose every change is also published as a "verdict" event.
+
+    The one way the breaker, the findings' actions and the API change verdicts, so each change is
+    announced once, the same way, whoever made it.
+    """
+
+    def __init__(self, store: VerdictStore, publish: Callable[[AgentEvent], None]) -> None:
+        self.store = store
+        self._publish = publish
+
+    def _announce(self, description: str, action: str) -> None:
+        data = {"description": description, "action": action}
+        self._publish(AgentEvent("verdict", time.monotonic_ns(), data))
+
+    def block_flow(self, flow_id: int, reason: str = "") -> Verdict | None:
+        v = self.store.block_flow(flow_id, reason)
+        if v is not None:
+            self._announce(v.describe(), "block")
+        return v
+
+    def unblock_flow(self, flow_id: int) -> Verdict | None:
+        v = self.store.unblock_flow(flow_id)
+        if v is not None:
+            self._announce(unblocked(v), "unblock")
+        return v
+
+    def block_service(self, service: Endpoint, reason: str = "") -> Verdict | None:
+        v = self.store.block_service(service, reason)
+        if v is not None:
+            self._announce(v.describe(), "block")
+        return v
+
+    def unblock_service(self, service: Endpoint) -> Verdict | None:
+        v = self.store.unblock_service(service)
+        if v is not None:
+            self._announce(unblocked(v), "unblock")
+        return v
+
+    def list(self) -> list[Verdict]:
+        return self.store.list()

@@ -47,6 +47,16 @@ def walk(mount: Path) -> Iterator[Path]:
         yield Path(dirpath)
 
 
+def pids(cgroup: Path) -> Iterator[int]:
+    """Processes in a cgroup and its children (a folder that goes away while read is skipped)."""
+    for folder in walk(cgroup):
+        try:
+            text = (folder / "cgroup.procs").read_text()
+        except OSError:
+            continue
+        yield from (int(p) for p in text.split())
+
+
 def id_to_path(mount: Path) -> dict[int, str]:
     """Map cgroup ids to paths relative to the mount ("/" for the root)."""
     out: dict[int, str] = {}

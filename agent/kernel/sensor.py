@@ -190,6 +190,11 @@ class Sensor:
         self._cgroups.detach(cgroup, self._programs())
 
     @property
+    def started(self) -> bool:
+        """Programs compiled and loaded: the maps exist."""
+        return self.headers is not None
+
+    @property
     def attached(self) -> list[Path]:
         return self._cgroups.paths
 

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 
+from infertap.agent.kernel.cgroups import pids as cgroup_pids
+
 SO_COOKIE = 57
 _SYS_PIDFD_GETFD = 438  # x86_64 and arm64 share the generic syscall number
 
@@ -45,13 +47,6 @@ def socket_cookie(fd: int) -> int:
         return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
 
 
-def _cgroup_pids(cgroup: Path) -> Iterator[int]:
-    for dirpath, _dirs, _files in os.walk(cgroup):
-        with contextlib.suppress(OSError):
-            for line in (Path(dirpath) / "cgroup.procs").read_text().split():
-                yield int(line)
-
-
 def _all_pids() -> Iterator[int]:
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -76,7 +71,7 @@ def find_socket(cookie: int, cgroups: Iterable[Path]) -> int | None:
     Looks in the processes of the given cgroups first, then everywhere.
     """
     seen: set[int] = set()
-    pid_sources: list[Iterable[int]] = [pid for cg in cgroups for pid in [_cgroup_pids(cg)]]
+    pid_sources: list[Iterable[int]] = [cgroup_pids(cg) for cg in cgroups]
     pid_sources.append(_all_pids())
     for source in pid_sources:
         for pid in source:

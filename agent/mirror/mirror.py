@@ -4,7 +4,7 @@
         -> ShadowMirror.offer   (share, skip accounting, bounded queue -> shadow workers)
         -> MirrorSink.offer     (bounded queue -> JSONL writer)
 
-The governor calls `configure()` with each policy it puts in force; the runtime calls
+The policy applier calls `configure()` with each policy it puts in force; the runtime calls
 `start()` and `stop()`. `configure()` raises PolicyError, changing nothing, when the sink's
 directory cannot be used, so a reload keeps the good policy.
 """

@@ -70,7 +70,7 @@ def receiver(agent: Any) -> Iterator[OtlpReceiver]:
     r = OtlpReceiver()
     agent.tracer.configure(TracingSpec(r.endpoint, link_window_s=0.5))
     yield r
-    agent.tracer.configure(agent.governor.tracing_spec(agent.governor.policy))  # off again
+    agent.tracer.configure(agent.options.tracing(agent.policy.policy.tracing))  # off again
     r.stop()
 
 
