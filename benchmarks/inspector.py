@@ -429,7 +429,8 @@ class Tally:
 def make_pipeline(
     pods: Pods, baseline: Baseline, pii: bool, drift: bool
 ) -> tuple[Pipeline, Tally, EventHub]:
-    """Wired as agent/runtime.py wires it (minus the policy applier and the findings' actions, which need a loaded sensor)."""
+    """Wired as agent/runtime.py wires it (minus the policy applier and the findings' actions,
+    which need a loaded sensor)."""
     registry = CollectorRegistry()
     models = {"fraud": ModelInspection(baseline)} if drift else {}
     engine = InspectionEngine(InspectionConfig(pii_enabled=pii, models=models))
