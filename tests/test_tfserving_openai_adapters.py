@@ -437,3 +437,24 @@ def test_non_object_bodies(path: str) -> None:
     for body in (b"[]", b"1", b'"s"', b"null", b""):
         ev = event(exchange(path, body, body))
         assert ev.error
+
+
+def test_openai_stream_that_did_not_finish_is_marked_incomplete_never_complete() -> None:
+    req = dict(CHAT_REQ, stream=True)
+    first = [
+        {"model": "m", "choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Hello"}}]},
+    ]
+    sse_headers = [("content-type", "text/event-stream")]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in first).encode()  # no finish, no [DONE]
+    ev = event(exchange("/v1/chat/completions", json.dumps(req).encode(), body, 200, sse_headers))
+    assert ev.output_texts == ["Hello"] and ev.response_truncated
+    assert "stream ended before its last chunk" in ev.error
+    # The body cut by lost bytes mid-event: the whole events before the hole still count.
+    ex = exchange(
+        "/v1/chat/completions", json.dumps(req).encode(), body + b'data: {"cho', 200, sse_headers
+    )
+    assert ex.response is not None
+    ex.response.body_truncated = True
+    ev = event(ex)
+    assert ev.output_texts == ["Hello"] and ev.response_truncated and ev.status == "ok"

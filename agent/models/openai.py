@@ -156,6 +156,19 @@ def _is_sse(msg: HttpMessage) -> bool:
     return ctype.startswith("text/event-stream") or msg.body.lstrip().startswith(b"data:")
 
 
+def _finish_reason(choices: Any) -> bool:
+    return isinstance(choices, list) and any(
+        isinstance(c, dict) and c.get("finish_reason") for c in choices
+    )
+
+
+def _complete_sse_prefix(body: bytes) -> bytes:
+    """The events of an SSE body cut short that were whole (up to the last blank line)."""
+    text = body.replace(b"\r\n", b"\n")
+    end = text.rfind(b"\n\n")
+    return text[: end + 2] if end >= 0 else b""
+
+
 def _error_text(err: Any) -> str:
     if isinstance(err, dict):
         return str(err.get("message", "error"))
@@ -165,8 +178,10 @@ def _error_text(err: Any) -> str:
 def _decode_response(event: InferenceEvent, resp: HttpMessage) -> None:
     texts: dict[int, list[str]] = {}
     if _is_sse(resp):
+        finished = False  # [DONE], or a finish_reason: the stream ran to its end
         for data in sse_events(resp.body):
             if data.strip() == "[DONE]":
+                finished = True
                 break
             try:
                 chunk = json.loads(data)
@@ -183,7 +198,13 @@ def _decode_response(event: InferenceEvent, resp: HttpMessage) -> None:
             if usage:
                 event.usage = usage
             _choice_texts(chunk.get("choices"), texts, delta=True)
+            finished = finished or _finish_reason(chunk.get("choices"))
         event.parameters.setdefault("stream", True)
+        if not finished:
+            # What came is kept, but the completion is not whole: never one complete-looking
+            # event of a stream's first chunks.
+            event.response_truncated = True
+            _add_error(event, "response: stream ended before its last chunk")
     else:
         doc = _json(resp.body)
         if not isinstance(doc, dict):
@@ -228,6 +249,24 @@ def decode_exchange(exchange: HttpExchange, service: Endpoint) -> InferenceEvent
                 event.parameters["prompt_token_ids"] = True  # tokens, not text
         except OpenAIDecodeError as exc:
             _add_error(event, f"request: {exc}")
+    resp = exchange.response
+    if resp is not None and resp.body_truncated and _is_sse(resp):
+        # A streamed answer with a hole: its whole events before the hole still decode (each
+        # is a JSON document of its own), and the event says it is incomplete.
+        event.status = "ok" if resp.status == 200 else str(resp.status)
+        prefix = HttpMessage(
+            resp.connection,
+            resp.direction,
+            resp.protocol,
+            resp.ts_ns,
+            resp.end_ts_ns,
+            status=resp.status,
+            headers=resp.headers,
+            body=_complete_sse_prefix(resp.body),
+        )
+        _decode_response(event, prefix)
+        event.response_truncated = True
+        return event
     read_rest_response(
         event, exchange.response, lambda resp: _decode_response(event, resp), (OpenAIDecodeError,)
     )

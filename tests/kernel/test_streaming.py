@@ -1,5 +1,7 @@
 """Streaming calls over real interception, with real clients: every message of a tritonclient
-ModelStreamInfer stream is its own call, paired with its answer."""
+ModelStreamInfer stream is its own call, paired with its answer; an `openai` client's
+`stream=True` chat completion is one event with the whole streamed text and the final chunk's
+token usage."""
 
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import numpy as np
 import pytest
 from support import needs_root
 
+from infertap.agent.testbed import openai_server
 from infertap.agent.testbed.v2server import start_in_pod
 
 pytestmark = [needs_root, pytest.mark.kernel]
 
-HTTP_PORT, GRPC_PORT = 8020, 8021
+HTTP_PORT, GRPC_PORT, OPENAI_PORT = 8020, 8021, 8022
+PROMPT = "one two three four five six seven eight nine ten eleven twelve"
 MESSAGES = 100
 
 # tritonclient.grpc's own streaming API: one bidirectional ModelStreamInfer stream, MESSAGES
@@ -40,10 +44,36 @@ print("done", flush=True)
 """
 
 
+# The official openai client, streaming (and once not, for comparison).
+OPENAI_CLIENT = f"""
+import sys
+import openai
+client = openai.OpenAI(base_url="http://" + sys.argv[1] + ":{OPENAI_PORT}/v1", api_key="none")
+text = ""
+stream = client.chat.completions.create(
+    model="tiny-chat", messages=[{{"role": "user", "content": {PROMPT!r}}}],
+    stream=True, stream_options={{"include_usage": True}}, temperature=0.5,
+)
+usage = None
+for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+        text += chunk.choices[0].delta.content
+    if chunk.usage is not None:
+        usage = chunk.usage
+assert usage is not None and usage.completion_tokens == 12, usage
+plain = client.chat.completions.create(
+    model="tiny-chat", messages=[{{"role": "user", "content": "not streamed"}}]
+)
+print(text)
+print(plain.choices[0].message.content, flush=True)
+"""
+
+
 @pytest.fixture(scope="module")
 def servers(lab: Any) -> Any:
     server = lab.pods["server"]
     start_in_pod(server, HTTP_PORT, GRPC_PORT)
+    openai_server.start_in_pod(server, OPENAI_PORT)
     return server
 
 
@@ -76,3 +106,30 @@ def test_every_message_on_a_v2_grpc_stream_is_its_own_call(
     # Each call's time is its own message's: they were sent one after the other.
     assert all(a.ts_ns <= b.ts_ns for a, b in itertools.pairwise(events))
     assert events[-1].ts_ns > events[0].ts_ns
+
+
+def test_openai_streamed_chat_completion_is_assembled_with_usage_from_the_final_chunk(
+    agent: Any, lab: Any, servers: Any
+) -> None:
+    rec = agent.recorder
+    done = lab.pods["client"].run(
+        [sys.executable, "-c", OPENAI_CLIENT, servers.ip], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = " ".join(reversed(PROMPT.split()))
+    assert done.stdout.splitlines() == [answer, "streamed not"]
+
+    def chats() -> list[Any]:
+        return [
+            e for e in rec.inferences if e.protocol == "openai" and e.service.port == OPENAI_PORT
+        ]
+
+    events = rec.wait_for(lambda: chats() if len(chats()) >= 2 else None)
+    streamed, plain = events
+    assert streamed.model == "tiny-chat" and streamed.texts == [PROMPT]
+    assert streamed.parameters["stream"] is True and streamed.parameters["temperature"] == 0.5
+    # Every delta, not the first chunk's: the whole completion, as the client printed it.
+    assert streamed.output_texts == [answer]
+    assert streamed.usage == {"prompt_tokens": 12, "completion_tokens": 12, "total_tokens": 24}
+    assert not streamed.response_truncated and streamed.error == "" and streamed.status == "ok"
+    assert plain.output_texts == ["streamed not"] and plain.usage["completion_tokens"] == 2
