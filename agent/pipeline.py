@@ -28,6 +28,7 @@ from infertap.agent.flows.records import (
 )
 from infertap.agent.inspect.engine import InspectionEngine
 from infertap.agent.inspect.findings import Finding
+from infertap.agent.inspect.traffic_names import safe_name, safe_path
 from infertap.agent.kernel.decode import decode_record
 from infertap.agent.models.adapt import to_inference_events
 from infertap.agent.models.inference_event import InferenceEvent
@@ -74,7 +75,7 @@ def http_dict(msg: HttpMessage) -> dict[str, Any]:
         "direction": msg.direction.value,
         "protocol": msg.protocol,
         "method": msg.method,
-        "path": msg.path.split("?", 1)[0],  # query strings may carry PII
+        "path": safe_path(msg.path),  # no query string, PII redacted, bounded
         "status": msg.status,
         "content_length": msg.content_length,
         "stream_id": msg.stream_id,
@@ -256,7 +257,10 @@ class Pipeline:
     def _inference_dict(self, e: InferenceEvent, pod: tuple[str, str]) -> dict[str, Any]:
         """A redacted summary: names, shapes and types of tensors, never their values."""
         pii = self.engine.pii if self.engine is not None else None
+        # Errors can quote what the client sent (a server's "model 'x' not found"): redacted even
+        # when the policy turns PII findings off, and with the policy's custom types when on.
         error = pii.redact_text(e.error) if (pii is not None and e.error) else e.error
+        error = safe_name(error, 200)
         return {
             "model": e.model,
             "version": e.version,
@@ -264,7 +268,7 @@ class Pipeline:
             "service": str(e.service),
             "pod": "/".join(p for p in pod if p),
             "status": e.status,
-            "error": error[:200],
+            "error": error,
             "latency_ms": e.latency_ns / 1e6 if e.latency_ns is not None else None,
             "inputs": [
                 {

@@ -43,6 +43,11 @@ from infertap.agent.policy.schema import ActionsSpec, CircuitSpec, Policy
 
 log = logging.getLogger(__name__)
 
+# A closed circuit whose model has sent nothing for this long is forgotten (it would be closed
+# again when the model returns): model names come from clients, and one circuit per name ever
+# seen grew without bound. Never shorter than the PII window, whose hits it would lose.
+IDLE_S = 600.0
+
 
 class CircuitState(enum.IntEnum):
     """Values are those of the infertap_circuit_state gauge."""
@@ -100,6 +105,7 @@ class _Circuit:
     pii_times: deque[float] = field(default_factory=deque)  # when PII trips arrived
     drift_alerts: dict[tuple[str, str], None] = field(default_factory=dict)  # (feature, stat)
     until: float = 0.0  # open: when the probe starts; half-open: when the probe ends
+    last_seen: float = 0.0  # the model's last inference event or finding
 
 
 class CircuitBreaker:
@@ -110,8 +116,10 @@ class CircuitBreaker:
         port: VerdictPort,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        idle_s: float = IDLE_S,
     ) -> None:
         self._settings = settings
+        self._idle_s = idle_s
         self._actions = actions
         self._port = port
         self._clock = clock  # for cooldowns and windows: must not jump
@@ -143,7 +151,8 @@ class CircuitBreaker:
             return c.state if c is not None else CircuitState.CLOSED
 
     def states(self) -> dict[str, CircuitState]:
-        """Every model seen so far: the infertap_circuit_state{model} gauge."""
+        """Every model seen lately (idle closed circuits are forgotten): the
+        infertap_circuit_state{model} gauge."""
         with self._lock:
             return {model: c.state for model, c in self._circuits.items()}
 
@@ -153,7 +162,9 @@ class CircuitBreaker:
         """The model is served at `service` (call per inference event): an open circuit blocks
         every endpoint of its model, including ones first seen while it is open."""
         with self._lock:
-            self._add_service(model, self._circuit(model), service)
+            c = self._circuit(model)
+            c.last_seen = self._clock()
+            self._add_service(model, c, service)
 
     def record(self, finding: Finding, service: Endpoint | None = None) -> list[CircuitEvent]:
         """Account for one finding (any kind or severity; only trips count). `service` is the
@@ -161,6 +172,7 @@ class CircuitBreaker:
         with self._lock:
             now = self._clock()
             c = self._circuit(finding.model)
+            c.last_seen = now
             events = self._advance(finding.model, c, now)
             if service is not None:
                 self._add_service(finding.model, c, service)
@@ -177,6 +189,10 @@ class CircuitBreaker:
             events: list[CircuitEvent] = []
             for model, c in self._circuits.items():
                 events += self._advance(model, c, now)
+            idle = max(self._idle_s, self._settings.pii_window_s)
+            for model, c in list(self._circuits.items()):
+                if c.state is CircuitState.CLOSED and now - c.last_seen > idle:
+                    del self._circuits[model]
             return events
 
     # --- logic (called with the lock held) ---
@@ -184,7 +200,9 @@ class CircuitBreaker:
     def _circuit(self, model: str) -> _Circuit:
         c = self._circuits.get(model)
         if c is None:
-            c = self._circuits[model] = _Circuit(cooldown_s=self._settings.cooldown_s)
+            c = self._circuits[model] = _Circuit(
+                cooldown_s=self._settings.cooldown_s, last_seen=self._clock()
+            )
         return c
 
     def _add_service(self, model: str, c: _Circuit, service: Endpoint) -> None:

@@ -2,11 +2,16 @@
 
 Names, types and labels are exactly those in metric_names.py (a test checks it). No label ever
 holds payload content: labels are pod identity, service ip:port, HTTP method (from a fixed set)
-and status code.
+and status code, and model names and versions, which come from traffic and so are redacted of
+PII where the event is made (agent/inspect/traffic_names.py) and bounded here: every label whose
+values traffic chooses (model, version, service, code) keeps at most a fixed number of values,
+the rest fold into "other", and the series of a value not seen for `LABEL_TTL_S` are removed, so
+the page stays bounded whatever names clients send.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import threading
 import time
@@ -33,6 +38,83 @@ KNOWN_METHODS = frozenset(
     {"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "PRI"}
 )
 MAX_SERVICES = 500  # distinct service label values before folding into "other"
+MAX_MODELS = 50  # distinct model label values (beyond the policy's models) before "other"
+MAX_VERSIONS = 10  # distinct version label values per model before "other"
+MAX_CODES = 32  # distinct result codes before "other"
+LABEL_TTL_S = 600.0  # a label value not seen for this long is forgotten and its series removed
+OTHER = "other"
+
+
+class BoundedLabel:
+    """Keeps one label's values bounded: values the policy names (`known`), then the first
+    `limit` others seen; past that, everything folds into "other". A value not seen for `ttl_s`
+    is forgotten by expire(), which frees its place and returns it so its series can go.
+
+    Thread-safe: traffic labels values on the reader thread, scrapes expire them.
+    """
+
+    def __init__(
+        self,
+        known: Iterable[str] = (),
+        limit: int = MAX_MODELS,
+        ttl_s: float = LABEL_TTL_S,
+        empty: str = "unknown",
+    ) -> None:
+        self._lock = threading.Lock()
+        self._known = frozenset(known)
+        self._admitted: set[str] = set()  # values beyond the known ones: at most `limit`
+        self._last: dict[str, float] = {}  # every value handed out (known, admitted, other)
+        self._limit = limit
+        self._ttl_s = ttl_s
+        self._empty = empty
+
+    def set_known(self, known: Iterable[str]) -> None:
+        with self._lock:
+            self._known = frozenset(known)
+
+    def __call__(self, value: str, now: float | None = None) -> str:
+        """The label for `value`, noting it as seen at `now` (monotonic seconds)."""
+        value = value or self._empty
+        t = time.monotonic() if now is None else now
+        with self._lock:
+            if value not in self._known and value not in self._admitted:
+                if len(self._admitted) >= self._limit:
+                    value = OTHER
+                else:
+                    self._admitted.add(value)
+            self._last[value] = t
+            return value
+
+    def peek(self, value: str) -> str:
+        """The label `value` has now, without noting it as seen."""
+        value = value or self._empty
+        with self._lock:
+            return value if value in self._known or value in self._admitted else OTHER
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Forget the values not seen for ttl_s; returns them."""
+        t = time.monotonic() if now is None else now
+        with self._lock:
+            gone = [v for v, last in self._last.items() if t - last > self._ttl_s]
+            for v in gone:
+                del self._last[v]
+                self._admitted.discard(v)
+            return gone
+
+    def values(self) -> list[str]:
+        with self._lock:
+            return sorted(self._last)
+
+
+class _Expirer(Collector):
+    """Registered before the metrics it prunes, so a scrape removes expired series first."""
+
+    def __init__(self, expire: Callable[[], object]) -> None:
+        self._expire = expire
+
+    def collect(self) -> Iterator[Metric]:
+        self._expire()
+        return iter(())
 
 
 @dataclass
@@ -145,61 +227,92 @@ class KernelCollector(Collector):
         )
 
 
+_Series = tuple[Counter | Histogram, tuple[str, ...]]  # a metric and one child's label values
+
+
+class _SeriesIndex:
+    """Which series each label value has, so an expired value's series can be removed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_key: dict[tuple[str, str], set[_Series]] = {}
+
+    def add(
+        self, key: tuple[str, str], metric: Counter | Histogram, labels: tuple[str, ...]
+    ) -> None:
+        with self._lock:
+            self._by_key.setdefault(key, set()).add((metric, labels))
+
+    def remove(self, match: Callable[[tuple[str, str]], bool]) -> int:
+        """Remove the series of every key `match` accepts; returns how many went."""
+        with self._lock:
+            keys = [k for k in self._by_key if match(k)]
+            gone = [series for k in keys for series in self._by_key.pop(k)]
+        for metric, labels in gone:
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)
+        return len(gone)
+
+
 class TrafficMetrics:
     """Metrics of decoded traffic, updated by the pipeline as requests are seen."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        ttl_s: float = LABEL_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        registry.register(_Expirer(self.expire))
         self.http_requests = Counter(
             "infertap_http_requests_total",
             "HTTP requests seen on intercepted flows, by service, method and status.",
             labelnames=(*POD_LABELS, "service", "method", "code"),
             registry=registry,
         )
-        self._services: set[str] = set()
+        self._clock = clock
+        self._services = BoundedLabel(limit=MAX_SERVICES, ttl_s=ttl_s, empty="none")
+        self._series = _SeriesIndex()
 
     def count_http(self, pod: PodLabels, service: str, method: str, code: int | None) -> None:
-        if service not in self._services:
-            if len(self._services) >= MAX_SERVICES:
-                service = "other"
-            else:
-                self._services.add(service)
+        service = self._services(service, self._clock())
         method = method.upper() if method.upper() in KNOWN_METHODS else "OTHER"
-        code_label = str(code) if code else "none"
-        self.http_requests.labels(*pod, service, method, code_label).inc()
+        code_label = str(code) if code and 100 <= code <= 999 else "none"
+        labels = (*pod, service, method, code_label)
+        self.http_requests.labels(*labels).inc()
+        self._series.add((service, ""), self.http_requests, labels)
+
+    def expire(self, now: float | None = None) -> int:
+        """Remove the series of services not seen for the TTL; returns how many went."""
+        gone = set(self._services.expire(self._clock() if now is None else now))
+        return self._series.remove(lambda k: k[0] in gone) if gone else 0
 
 
-MAX_MODELS = 50  # distinct model label values before unknown models fold into "other"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-class ModelLabels:
-    """Keeps the model label bounded: models named by the policy, then the first ones seen,
-    then everything else folds into "other"."""
-
-    def __init__(self, known: Iterable[str] = (), limit: int = MAX_MODELS) -> None:
-        self._known = set(known)
-        self._seen: set[str] = set()
-        self._limit = limit
-
-    def set_known(self, known: Iterable[str]) -> None:
-        self._known = set(known)
-
-    def __call__(self, model: str) -> str:
-        if not model:
-            return "unknown"
-        if model in self._known or model in self._seen:
-            return model
-        if len(self._seen) < self._limit:
-            self._seen.add(model)
-            return model
-        return "other"
-
-
 class InferenceMetrics:
-    """Per-model request counts and latency, and PII findings, updated by the pipeline."""
+    """Per-model request counts and latency, and PII findings, updated by the pipeline.
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.model_label = ModelLabels()
+    Model names and versions arrive redacted (agent/models/adapt.py); here they are bounded:
+    MAX_MODELS models beyond the policy's, MAX_VERSIONS versions per model, MAX_CODES result
+    codes, and the series of a model (or a model's version) not seen for `ttl_s` are removed.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        ttl_s: float = LABEL_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        registry.register(_Expirer(self.expire))
+        self._clock = clock
+        self._ttl_s = ttl_s
+        self.model_label = BoundedLabel(limit=MAX_MODELS, ttl_s=ttl_s)
+        self._versions: dict[str, BoundedLabel] = {}  # model label -> its version labels
+        self._versions_lock = threading.Lock()
+        self._codes = BoundedLabel(limit=MAX_CODES, ttl_s=float("inf"), empty="none")
+        self._series = _SeriesIndex()
         self.requests = Counter(
             "infertap_inference_requests_total",
             "Model inference calls seen, by model, version, protocol and result code.",
@@ -229,14 +342,43 @@ class InferenceMetrics:
         code: str,
         latency_s: float | None,
     ) -> None:
-        m = self.model_label(model)
-        version = version[:32]  # free text from the wire: keep it short
-        self.requests.labels(*pod, m, version, protocol, code or "none").inc()
+        now = self._clock()
+        m = self.model_label(model, now)
+        # Versions of models folded into "other" mean nothing together: one label for them.
+        v = OTHER if m == OTHER else self._version_label(m)(version[:64], now)
+        req = (*pod, m, v, protocol, self._codes(code[:32], now))
+        self.requests.labels(*req).inc()
+        self._series.add((m, v), self.requests, req)
         if latency_s is not None:
-            self.latency.labels(*pod, m, version, protocol).observe(latency_s)
+            lat = (*pod, m, v, protocol)
+            self.latency.labels(*lat).observe(latency_s)
+            self._series.add((m, v), self.latency, lat)
 
     def count_pii(self, pod: PodLabels, model: str, pii_type: str) -> None:
-        self.pii.labels(*pod, self.model_label(model), pii_type[:40]).inc()
+        labels = (*pod, self.model_label(model, self._clock()), pii_type[:40])
+        self.pii.labels(*labels).inc()
+        self._series.add((labels[-2], ""), self.pii, labels)
+
+    def _version_label(self, model_label: str) -> BoundedLabel:
+        with self._versions_lock:
+            label = self._versions.get(model_label)
+            if label is None:
+                label = self._versions[model_label] = BoundedLabel(
+                    limit=MAX_VERSIONS, ttl_s=self._ttl_s, empty=""
+                )
+            return label
+
+    def expire(self, now: float | None = None) -> int:
+        """Remove the series of models, and of models' versions, not seen for the TTL."""
+        t = self._clock() if now is None else now
+        models = set(self.model_label.expire(t))
+        with self._versions_lock:
+            for m in models:
+                self._versions.pop(m, None)
+            versions = {(m, v) for m, label in self._versions.items() for v in label.expire(t)}
+        if not models and not versions:
+            return 0
+        return self._series.remove(lambda k: k[0] in models or k in versions)
 
 
 MAX_BIN_SERIES_PER_MODEL = 2000  # features x bins of one model's bin counters, at most
@@ -251,11 +393,15 @@ class ModelStateCollector(Collector):
         circuits: Callable[[], dict[str, int]],
         policy_hash: Callable[[], str],
         bins: Callable[[], Mapping[tuple[str, str], FeatureBins]] = dict,
+        model_label: Callable[[str], str] = lambda m: m,
     ) -> None:
         self._drift = drift
         self._circuits = circuits
         self._policy_hash = policy_hash
         self._bins = bins
+        # The model label a circuit is shown under (InferenceMetrics.model_label.peek): bounded
+        # like every other model label; circuits folded into "other" show the worst state.
+        self._model_label = model_label
 
     def collect(self) -> Iterator[Metric]:
         d = GaugeMetricFamily(
@@ -272,7 +418,11 @@ class ModelStateCollector(Collector):
             "Circuit breaker per model: 0 closed, 1 half-open, 2 open.",
             labels=("model",),
         )
-        for model, state in sorted(self._circuits().items()):
+        states: dict[str, int] = {}
+        for model, state in self._circuits().items():
+            label = self._model_label(model)
+            states[label] = max(state, states.get(label, state))
+        for model, state in sorted(states.items()):
             c.add_metric([model], state)
         yield c
         p = GaugeMetricFamily(

@@ -8,6 +8,9 @@ Dispatch is by path (and by content-type for gRPC):
 - `POST .../v1/chat/completions`, `/v1/completions`, `/v1/embeddings`: OpenAI-style.
 Anything else is not model traffic: None.
 
+Model names, versions, paths and errors come from the client or the server: they are redacted of
+PII and bounded here (agent/inspect/traffic_names.py), before anything reads the event.
+
 Garbage never raises: each adapter reports what did not decode in `error`, and a failure inside an
 adapter itself becomes an event whose `error` names the exception type only (exception texts can
 quote payload bytes, which may be PII). Counters (`adapter_counters()`) tell how often each case
@@ -21,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from infertap.agent.flows.records import Endpoint
+from infertap.agent.inspect.traffic_names import safe_name, safe_path
 from infertap.agent.models import kserve_v2, openai, tfserving
 from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
@@ -109,11 +113,16 @@ def _finish(
 ) -> None:
     """What every event gets from its exchange, and the counters."""
     req = exchange.request
+    # Names the client chose leave here redacted of PII and bounded (agent/inspect/traffic_names):
+    # metrics, events, the mirror sink, top and logs all read them from this event.
+    event.model = safe_name(event.model)
+    event.version = safe_name(event.version)
+    event.endpoint = safe_path(req.path)
+    event.error = safe_name(event.error, 512)  # servers quote names back ("unknown model 'x'")
     event.client_cgroup = client_cgroup
     event.server_cgroup = server_cgroup
     if event.stream_index is None:  # a streamed call has its own, from its messages
         event.latency_ns = exchange.latency_ns
-    event.endpoint = req.path.split("?", 1)[0]
     if event.stream_index is None:
         event.payload_bytes = req.content_length if req.content_length >= 0 else len(req.body)
     elif event.stream_index < len(req.grpc_messages):

@@ -104,3 +104,74 @@ def test_inference_metrics_count_per_model(agent: Any, lab: Any, v2server: Any) 
         and 'code="200"' in ln
     ]
     assert http and float(http[0].rsplit(" ", 1)[1]) >= 2
+
+
+PII_MODEL = "jane.doe@example.com"
+PII_VERSION = "4111111111111111"
+PII_CALLS = f"""
+import sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+host = sys.argv[1]
+x = np.ones((1, 2), dtype=np.float32)
+http = httpclient.InferenceServerClient(url=f"{{host}}:8000")
+hin = httpclient.InferInput("x", [1, 2], "FP32")
+hin.set_data_from_numpy(x)
+grpc = grpcclient.InferenceServerClient(url=f"{{host}}:8001")
+gin = grpcclient.InferInput("x", [1, 2], "FP32")
+gin.set_data_from_numpy(x)
+for call in (
+    lambda: http.infer({PII_MODEL!r}, [hin], model_version={PII_VERSION!r}),
+    lambda: grpc.infer({PII_MODEL!r}, [gin], model_version={PII_VERSION!r}),
+):
+    try:
+        call()
+    except InferenceServerException:
+        pass  # no such model: the server says so, quoting the name
+print("done", flush=True)
+"""
+
+
+def test_a_model_named_like_an_email_never_leaves_raw(agent: Any, lab: Any, v2server: Any) -> None:
+    """Real tritonclient calls (REST and gRPC) to a model named like an email, version like a
+    card number: metric labels, events, the breaker and the decoded events carry only the
+    redacted forms."""
+    import json
+    import urllib.request
+
+    sub = agent.events.subscribe(maxlen=100_000)
+    try:
+        r = lab.pods["client"].run(
+            [sys.executable, "-c", PII_CALLS, v2server.ip],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0 and "done" in r.stdout, r.stderr[-2000:]
+        rec = agent.recorder
+        redacted = "<email:j***@e***.com>"
+        ours = rec.wait_for(
+            lambda: (lambda es: es if len(es) >= 2 else None)(
+                [e for e in rec.inferences if e.model == redacted]
+            )
+        )
+        assert sorted(e.protocol for e in ours) == ["kserve-v2-grpc", "kserve-v2-rest"]
+        assert {e.version for e in ours} == {"<credit_card:************1111>"}
+        published: list[Any] = []
+        while (ev := sub.get(timeout=0.5)) is not None:
+            published.append({"kind": ev.kind, "data": ev.data})
+    finally:
+        sub.close()
+    events_text = json.dumps(published)
+    assert redacted in events_text
+    assert agent.metrics is not None
+    page = urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics.port}/metrics").read().decode()
+    assert f'model="{redacted}"' in page
+    assert redacted in agent.actions.breaker.states()
+    for raw in (PII_MODEL, PII_VERSION, "jane.doe"):
+        assert raw not in events_text, raw
+        assert raw not in page, raw
+        assert all(raw not in e.model + e.version + e.endpoint + e.error for e in rec.inferences)
