@@ -210,7 +210,7 @@ class Pipeline:
                         " length depends on who reads it",
                         "service": str(msg.connection.server),
                         "client": str(msg.connection.client),
-                        "path": ex.request.path.split("?", 1)[0],
+                        "path": safe_path(ex.request.path),
                         "pod": pod,
                     },
                 )

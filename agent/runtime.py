@@ -242,7 +242,7 @@ class Agent:
                 self.actions.states,
                 lambda: self.policy_hash,
                 self.engine.bin_values,
-                self.inference.model_label.peek,
+                model_label=self.inference.model_label.peek,
             )
         )
         if self.metrics is not None:

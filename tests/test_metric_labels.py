@@ -125,7 +125,7 @@ class Wired:
                 lambda: {},
                 lambda: {m: int(s) for m, s in self.breaker.states().items()},
                 lambda: "hash",
-                self.inference.model_label.peek,
+                model_label=self.inference.model_label.peek,
             )
         )
 

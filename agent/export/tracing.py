@@ -37,6 +37,7 @@ from typing import Any
 
 from infertap.agent.export.tracing_spec import TracingSpec
 from infertap.agent.flows.records import Endpoint
+from infertap.agent.inspect.traffic_names import safe_path
 from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
@@ -150,7 +151,7 @@ def call_record(
 ) -> CallRecord:
     """Everything the spans of one call need, read on the reader thread (cheap, no OTel)."""
     req, resp = exchange.request, exchange.response
-    path = req.path.split("?", 1)[0]
+    path = safe_path(req.path)  # no query, PII redacted (agent/inspect/traffic_names.py)
     conn = req.connection
     attrs: dict[str, AttrValue] = {
         **_endpoint_attrs("server", conn.server),
