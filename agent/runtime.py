@@ -23,6 +23,11 @@ from infertap.agent.defaults import (
     DEFAULT_RUN_DIR,
     parse_host_port,
 )
+from infertap.agent.discovery.open_sockets import (
+    OpenConnection,
+    UninspectedConnections,
+    find_open_connections,
+)
 from infertap.agent.enforce.actions import FindingActions
 from infertap.agent.enforce.verdicts import AnnouncedVerdicts, VerdictStore
 from infertap.agent.export.event_hub import AgentEvent, EventHub, Subscription
@@ -37,7 +42,7 @@ from infertap.agent.export.metrics import (
 )
 from infertap.agent.export.tracing import CallTracer
 from infertap.agent.export.tracing_spec import TracingSpec
-from infertap.agent.flows.records import FlowInfo
+from infertap.agent.flows.records import Endpoint, FlowInfo
 from infertap.agent.inspect.engine import InspectionEngine
 from infertap.agent.kernel.ringbuf import RingReader
 from infertap.agent.kernel.sensor import Sensor, SensorOptions
@@ -132,6 +137,8 @@ class Agent:
         self.engine = InspectionEngine()
         self.policy_hash = ""
         self.pods = PodDirectory(self.sensor.mount)
+        # Connections open before a cgroup was attached: listed at attach, never inspected.
+        self.uninspected = UninspectedConnections()
         self.store = VerdictStore(self.sensor)
         # Every verdict change, whoever makes it (breaker, policy action, API), is an event.
         self.verdicts = AnnouncedVerdicts(self.store, self.events.publish)
@@ -222,9 +229,10 @@ class Agent:
             self._start_discovery()
         else:
             for cg in self.options.cgroups or ("/",):
-                self.sensor.attach(cg)
+                path = self.sensor.attach(cg)
                 if self.steering is not None:
                     self.steering.attach(cg)
+                self._find_uninspected(path)
         self._reader = RingReader(self.sensor.ring_fd, self.sensor.ring_size)
         self._reader_thread = threading.Thread(
             target=self._read_loop, name="ring-reader", daemon=True
@@ -281,10 +289,12 @@ class Agent:
         if isinstance(event, PodAdded):
             path = self.sensor.attach(event.cgroup_path)
             self.pods.register(path, event.namespace, event.name)
+            self._find_uninspected(path)
             action = "attached"
         else:
             self.sensor.detach(event.cgroup_path)
             self.pods.forget(event.cgroup_path)
+            self.uninspected.forget_cgroup(Path(event.cgroup_path))
             action = "detached"
         self.events.publish(
             AgentEvent(
@@ -369,7 +379,55 @@ class Agent:
 
     def uninspected_counts(self) -> dict[str, int]:
         """Connections in the watched pods whose traffic is not inspected, by reason."""
-        return {}
+        return self.uninspected.counts()
+
+    def _find_uninspected(self, cgroup: Path) -> None:
+        """Right after attaching: the connections the pod already had, which sockops will never
+        see. Reported as flows marked uninspected, a gauge, one event each and one log line."""
+        ports = self.options.ports or (
+            tuple(sorted({s.port for s in self.policy.policy.services}))
+            if self.options.policy is not None
+            else ()
+        )
+        known = {(f.local, f.remote) for f in self.sensor.flows()}
+
+        def intercepted(local: Endpoint, remote: Endpoint) -> bool:
+            return (local, remote) in known
+
+        try:
+            found = find_open_connections(cgroup, ports, intercepted)
+        except OSError as exc:  # /proc raced with a pod going away: not worth failing start
+            log.warning("could not list the open connections of %s: %s", cgroup, exc)
+            return
+        self.uninspected.add(found)
+        if found:
+            log.warning(
+                "%d connection(s) in %s were open before infertap attached and are not"
+                " inspected (see `infertap flows`)",
+                len(found),
+                cgroup,
+            )
+        for conn in found:
+            self.events.publish(
+                AgentEvent("uninspected", time.monotonic_ns(), self._uninspected_dict(conn))
+            )
+
+    def _uninspected_dict(self, conn: OpenConnection) -> dict[str, Any]:
+        return {
+            "reason": conn.reason,
+            "id": conn.cookie,
+            "role": conn.role.name.lower(),
+            "local": str(conn.local),
+            "remote": str(conn.remote),
+            "cgroup": self._cgroup_text(conn.cgroup),
+            "description": f"{conn.local} -> {conn.remote} not inspected: {conn.reason}",
+        }
+
+    def _cgroup_text(self, cgroup: Path) -> str:
+        try:
+            return "/" + str(cgroup.relative_to(self.sensor.mount))
+        except ValueError:
+            return str(cgroup)
 
     def status(self) -> AgentStatus:
         sample_bytes, sample_one_in = self.sensor.sampling() if self.sensor.headers else (0, 0)
@@ -388,10 +446,15 @@ class Agent:
         )
 
     def flow_rows(self) -> list[FlowRow]:
-        return [
+        rows = [
             FlowRow(f, self.pods.path_of(f.cgroup_id), self.pipeline.decoder.protocol_of(f.cookie))
             for f in self.flows()
         ]
+        now = time.monotonic_ns()
+        for c in self.uninspected.current():  # no kernel counters: the kernel never saw them
+            flow = FlowInfo(c.cookie, c.role, c.local, c.remote, 0, now, sampled=False)
+            rows.append(FlowRow(flow, self._cgroup_text(c.cgroup), "", uninspected=c.reason))
+        return rows
 
     def models(self) -> ModelsView:
         return ModelsView(self.actions.states(), self.engine.drift_values(), self.policy_hash)

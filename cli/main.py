@@ -305,7 +305,7 @@ def flows(
             f"{f.local.ip}:{f.local.port}",
             f"{f.remote.ip}:{f.remote.port}",
             f.cgroup,
-            f.protocol or "-",
+            f"not inspected: {f.uninspected}" if f.uninspected else (f.protocol or "-"),
             str(f.messages),
             str(f.bytes),
             str(f.drops),

@@ -36,6 +36,9 @@ class FlowRow:
     flow: FlowInfo
     cgroup: str  # the pod's cgroup path, "" when unknown
     protocol: str  # "http/1.1", "h2", "unknown", or "" when not detected (yet)
+    # Why its traffic is not inspected, "" when it is: "pre_existing" for a connection that was
+    # open before the agent attached to its pod (found from /proc; it has no kernel counters).
+    uninspected: str = ""
 
 
 @dataclass(frozen=True)

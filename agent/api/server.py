@@ -35,7 +35,7 @@ def endpoint_pb(e: Endpoint) -> pb.Endpoint:
     return pb.Endpoint(ip=e.ip, port=e.port)
 
 
-def flow_pb(f: FlowInfo, cgroup: str, protocol: str, now_ns: int) -> pb.Flow:
+def flow_pb(f: FlowInfo, cgroup: str, protocol: str, now_ns: int, uninspected: str = "") -> pb.Flow:
     return pb.Flow(
         id=f.cookie,
         local=endpoint_pb(f.local),
@@ -51,6 +51,7 @@ def flow_pb(f: FlowInfo, cgroup: str, protocol: str, now_ns: int) -> pb.Flow:
         sampled=f.sampled,
         age_seconds=max(0.0, (now_ns - f.start_ns) / 1e9),
         protocol=protocol,
+        uninspected=uninspected,
     )
 
 
@@ -132,7 +133,7 @@ class ControlServicer(pb_grpc.ControlServicer):
         now = time.monotonic_ns()  # the kernel's bpf_ktime_get_ns is CLOCK_MONOTONIC
         rows = sorted(self.agent.flow_rows(), key=lambda r: r.flow.cookie)
         return pb.ListFlowsResponse(
-            flows=[flow_pb(r.flow, r.cgroup, r.protocol, now) for r in rows]
+            flows=[flow_pb(r.flow, r.cgroup, r.protocol, now, r.uninspected) for r in rows]
         )
 
     def _target(
@@ -161,7 +162,8 @@ class ControlServicer(pb_grpc.ControlServicer):
         kind, flow_id, svc = self._target(request, context)
         store = self.agent.verdicts
         if kind == "flow":
-            if flow_id not in {r.flow.cookie for r in self.agent.flow_rows()}:
+            rows = self.agent.flow_rows()
+            if flow_id not in {r.flow.cookie for r in rows if not r.uninspected}:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no intercepted flow with id {flow_id}")
             v = store.block_flow(flow_id, reason="api")
         else:

@@ -261,7 +261,7 @@ class TopState:
                 self._finding(ts_ns, data)
             elif kind == "circuit":
                 self._circuit(data)
-            elif kind in ("verdict", "gap"):
+            elif kind in ("verdict", "gap", "uninspected"):
                 text = str(data.get("description") or data.get("message") or kind)
                 self.activity.append(f"{kind}: {text}")
         except (KeyError, TypeError, ValueError):
@@ -462,7 +462,7 @@ def _flow_row(f: pb.Flow) -> FlowRow:
         remote=remote,
         service=local if f.role == "server" else remote,
         cgroup=f.cgroup or (str(f.cgroup_id) if f.cgroup_id else ""),
-        protocol=f.protocol,
+        protocol=f"not inspected: {f.uninspected}" if f.uninspected else f.protocol,
         messages=f.messages,
         bytes=f.bytes,
         drops=f.drops,
