@@ -16,7 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 from infertap.agent.export.event_hub import AgentEvent, EventHub
-from infertap.agent.export.metrics import FlowAccounting, InferenceMetrics, TrafficMetrics
+from infertap.agent.export.metrics import (
+    TOKEN_KINDS,
+    FlowAccounting,
+    InferenceMetrics,
+    TrafficMetrics,
+)
 from infertap.agent.flows.records import (
     ConnectionId,
     FlowCgroup,
@@ -246,6 +251,7 @@ class Pipeline:
                 ex_tap(ex, event, pod)
         latency = event.latency_ns / 1e9 if event.latency_ns is not None else None
         self.inference.count(pod, event.model, event.version, event.protocol, event.status, latency)
+        self.inference.count_tokens(event.model, event.usage)
         findings = self.engine.inspect(event) if self.engine is not None else []
         for f in findings:
             if f.kind == "pii":
@@ -283,6 +289,8 @@ class Pipeline:
             "payload_bytes": e.payload_bytes,
             "stream_index": e.stream_index,
             "unpaired": e.unpaired,
+            # OpenAI-style token usage, the known keys only (the server chooses the names).
+            "usage": {k: v for k, v in e.usage.items() if k in TOKEN_KINDS},
         }
 
     def _cgroup_for(self, exchange: HttpExchange) -> int:

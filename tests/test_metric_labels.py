@@ -296,3 +296,55 @@ def test_circuit_events_and_log_lines_carry_the_redacted_name(caplog: Any) -> No
         events = w.breaker.record(Finding("drift", name, "psi", "amount", "alert", value=0.5))
     assert events and _raw_leaks(json.dumps(events[0].to_data())) == []
     assert caplog.records and _raw_leaks(caplog.text) == []
+
+
+# -- tokens -----------------------------------------------------------------------------------
+
+
+def openai_call(model: str, usage: dict[str, int]) -> list[HttpExchange]:
+    req = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    resp = json.dumps(
+        {
+            "object": "chat.completion",
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}}],
+            "usage": usage,
+        }
+    ).encode()
+    hdr = [("Content-Type", "application/json")]
+    exchanges, _ = run_connection(
+        samples_of(
+            stream_sends([(h1_request("POST", "/v1/chat/completions", req, hdr), 10)]),
+            CLIENT_COOKIE,
+            Role.CLIENT,
+        ),
+        samples_of(
+            stream_sends([(h1_response(200, resp, hdr, for_method="POST"), 20)]),
+            SERVER_COOKIE,
+            Role.SERVER,
+        ),
+    )
+    return exchanges
+
+
+def test_tokens_are_counted_by_model_and_kind_and_put_in_events() -> None:
+    w = Wired()
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    w.pipeline._exchanges(openai_call("tiny-chat", usage))
+    w.pipeline._exchanges(openai_call(EMAIL, {**usage, "jane@x.io": 5, "cached_tokens": 2}))
+    page = w.page()
+    assert {
+        ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in series(page, "infertap_tokens_total")
+    } == {
+        'infertap_tokens_total{kind="prompt",model="tiny-chat"}': 7.0,
+        'infertap_tokens_total{kind="completion",model="tiny-chat"}': 3.0,
+        'infertap_tokens_total{kind="total",model="tiny-chat"}': 10.0,
+        'infertap_tokens_total{kind="prompt",model="<email:j***@e***.com>"}': 7.0,
+        'infertap_tokens_total{kind="completion",model="<email:j***@e***.com>"}': 3.0,
+        'infertap_tokens_total{kind="total",model="<email:j***@e***.com>"}': 10.0,
+    }
+    inference = [d for k, d in w.published() if k == "inference"]
+    assert [d["usage"] for d in inference] == [usage, usage]  # only the known keys
+    assert _raw_leaks(page + json.dumps(inference)) == [] and "jane@x.io" not in page
+    w.clock.t += LABEL_TTL_S + 1
+    assert series(w.page(), "infertap_tokens_total") == []  # expired with their models

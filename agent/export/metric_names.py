@@ -61,6 +61,8 @@ METRICS: dict[str, MetricSpec] = {
     "infertap_feature_bin_total": MetricSpec("counter", ("model", "feature", "bin")),
     "infertap_feature_baseline_share": MetricSpec("gauge", ("model", "feature", "bin")),
     "infertap_pii_findings_total": MetricSpec("counter", (*POD_LABELS, "model", "type")),
+    # OpenAI-style calls' token usage as the server reported it; kind: prompt, completion, total.
+    "infertap_tokens_total": MetricSpec("counter", ("model", "kind")),
     # 0 closed, 1 half-open, 2 open.
     "infertap_circuit_state": MetricSpec("gauge", ("model",)),
     # Always 1; the label is the hash of the loaded policy, so a rollout can be followed.

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
@@ -288,6 +288,13 @@ class TrafficMetrics:
         return self._series.remove(lambda k: k[0] in gone) if gone else 0
 
 
+# OpenAI usage keys -> the infertap_tokens_total kind label (a fixed set: servers choose keys).
+TOKEN_KINDS: Final = {
+    "prompt_tokens": "prompt",
+    "completion_tokens": "completion",
+    "total_tokens": "total",
+}
+_ANY_VERSION: Final = "\x00"  # the series index key of a model's series without a version label
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -313,6 +320,12 @@ class InferenceMetrics:
         self._versions_lock = threading.Lock()
         self._codes = BoundedLabel(limit=MAX_CODES, ttl_s=float("inf"), empty="none")
         self._series = _SeriesIndex()
+        self.tokens = Counter(
+            "infertap_tokens_total",
+            "Tokens of OpenAI-style calls, as the server reported them (usage), by model and kind.",
+            labelnames=("model", "kind"),
+            registry=registry,
+        )
         self.requests = Counter(
             "infertap_inference_requests_total",
             "Model inference calls seen, by model, version, protocol and result code.",
@@ -357,7 +370,18 @@ class InferenceMetrics:
     def count_pii(self, pod: PodLabels, model: str, pii_type: str) -> None:
         labels = (*pod, self.model_label(model, self._clock()), pii_type[:40])
         self.pii.labels(*labels).inc()
-        self._series.add((labels[-2], ""), self.pii, labels)
+        self._series.add((labels[-2], _ANY_VERSION), self.pii, labels)
+
+    def count_tokens(self, model: str, usage: Mapping[str, int]) -> None:
+        """An OpenAI-style call's token usage (prompt, completion, total)."""
+        counts = {kind: usage[key] for key, kind in TOKEN_KINDS.items() if key in usage}
+        if not counts:
+            return
+        m = self.model_label(model, self._clock())
+        for kind, n in counts.items():
+            if n >= 0:
+                self.tokens.labels(m, kind).inc(n)
+                self._series.add((m, _ANY_VERSION), self.tokens, (m, kind))
 
     def _version_label(self, model_label: str) -> BoundedLabel:
         with self._versions_lock:
