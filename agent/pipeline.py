@@ -103,7 +103,10 @@ class Pipeline:
         on_inspected: Callable[[InferenceEvent, list[Finding], int | None], None] = (
             lambda e, f, c: None
         ),
+        batch_size: int = 1,
     ) -> None:
+        """`batch_size`: model calls inspected together (InspectionEngine.inspect_batch); the
+        owner of the read loop calls flush() after each drain so none waits longer than that."""
         self.events = events
         self.traffic = traffic
         self.accounting = accounting
@@ -125,6 +128,9 @@ class Pipeline:
         # In-process observers of raw samples (tests, benchmarks). Payload never leaves the process.
         self.sample_taps: list[Callable[[Sample], None]] = []
         self.flow_end_taps: list[Callable[[FlowEnd], None]] = []
+        self.batch_size = max(1, batch_size)
+        # Decoded calls waiting for inspection: (event, pod, client flow cookie).
+        self._pending: list[tuple[InferenceEvent, tuple[str, str], int | None]] = []
         self.records = 0
         self.unknown_records = 0
         self.exchanges = 0
@@ -249,16 +255,41 @@ class Pipeline:
         if not event.stream_index:  # mirroring replays an exchange once: its first call
             for ex_tap in self.exchange_taps:
                 ex_tap(ex, event, pod)
-        latency = event.latency_ns / 1e9 if event.latency_ns is not None else None
-        self.inference.count(pod, event.model, event.version, event.protocol, event.status, latency)
-        self.inference.count_tokens(event.model, event.usage)
-        findings = self.engine.inspect(event) if self.engine is not None else []
-        for f in findings:
-            if f.kind == "pii":
-                self.inference.count_pii(pod, event.model, f.type)
-            self.events.publish(AgentEvent("finding", event.ts_ns, finding_dict(f)))
-        self.events.publish(AgentEvent("inference", event.ts_ns, self._inference_dict(event, pod)))
-        self._on_inspected(event, findings, client.cookie if client is not None else None)
+        self._pending.append((event, pod, client.cookie if client is not None else None))
+        if len(self._pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Inspect the model calls decoded since the last flush, as one batch, then count them
+        and hand them on. The reader calls it after every drain; with batch_size 1 every call is
+        inspected as soon as it is decoded."""
+        pending, self._pending = self._pending, []
+        if not pending or self.inference is None:
+            return
+        try:
+            self._inspect(pending)
+        except Exception:  # a bug, not bad input: as in handle(), log it and keep reading
+            log.exception("inspection of %d calls failed", len(pending))
+
+    def _inspect(self, pending: list[tuple[InferenceEvent, tuple[str, str], int | None]]) -> None:
+        assert self.inference is not None
+        if self.engine is not None:
+            inspected = self.engine.inspect_batch([event for event, _pod, _cookie in pending])
+        else:
+            inspected = [[] for _ in pending]
+        for (event, pod, cookie), findings in zip(pending, inspected, strict=True):
+            latency = event.latency_ns / 1e9 if event.latency_ns is not None else None
+            self.inference.count(
+                pod, event.model, event.version, event.protocol, event.status, latency
+            )
+            self.inference.count_tokens(event.model, event.usage)
+            for f in findings:
+                if f.kind == "pii":
+                    self.inference.count_pii(pod, event.model, f.type)
+                self.events.publish(AgentEvent("finding", event.ts_ns, finding_dict(f)))
+            summary = self._inference_dict(event, pod)
+            self.events.publish(AgentEvent("inference", event.ts_ns, summary))
+            self._on_inspected(event, findings, cookie)
 
     def _inference_dict(self, e: InferenceEvent, pod: tuple[str, str]) -> dict[str, Any]:
         """A redacted summary: names, shapes and types of tensors, never their values."""

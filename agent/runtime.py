@@ -59,6 +59,8 @@ from infertap.agent.polyfill.unit import Polyfill
 log = logging.getLogger(__name__)
 
 
+# Model calls inspected as one batch at most; a drain's calls are flushed when it ends anyway.
+INSPECT_BATCH = 512
 READ_INTERVAL_S = 0.02  # samples reach the pipeline within this, unless the ring fills first
 
 
@@ -153,6 +155,7 @@ class Agent:
             inference=self.inference,
             engine=self.engine,
             on_inspected=self.actions.on_inspected,
+            batch_size=INSPECT_BATCH,
         )
         self.pipeline.exchange_taps.append(self.mirror.tap)
         self.tracer = CallTracer(self.pods.labels)  # configured by the policy applier
@@ -361,7 +364,9 @@ class Agent:
                 if now - last_tick >= 1.0:
                     self.pipeline.tick(time.monotonic_ns())
                     last_tick = now
+                self.pipeline.flush()  # the calls of this drain, inspected as one batch
             reader.drain(self.pipeline.handle)  # what the kernel sent before we stopped
+            self.pipeline.flush()
         except Exception as exc:  # the reader must never take the agent down silently
             self.reader_error = str(exc)
             log.exception("ring buffer reader stopped")

@@ -83,7 +83,7 @@ from infertap.agent.kernel.ringbuf import RingReader
 from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.pipeline import Pipeline
 from infertap.agent.pod_labels import PodDirectory
-from infertap.agent.runtime import READ_INTERVAL_S
+from infertap.agent.runtime import INSPECT_BATCH, READ_INTERVAL_S
 from infertap.agent.testbed.feature_store import LEAKS
 from infertap.agent.testbed.fraud_model import N_FEATURES, example_transactions
 
@@ -444,6 +444,7 @@ def make_pipeline(
         inference=InferenceMetrics(registry),
         engine=engine,
         on_inspected=tally,
+        batch_size=INSPECT_BATCH,
     )
     return pipeline, tally, events
 
@@ -477,6 +478,7 @@ def run_case(
     area, now = replay.next_round()
     MemoryRing(area).drain(pipeline.handle)
     pipeline.tick(now)
+    pipeline.flush()
     warm_events = tally.events
     cpu = wall = 0.0
     rounds = 0
@@ -490,6 +492,7 @@ def run_case(
         c0, t0 = time.thread_time(), time.perf_counter()
         ring.drain(pipeline.handle)
         pipeline.tick(now)  # what the reader loop does between batches
+        pipeline.flush()
         cpu += time.thread_time() - c0
         wall += time.perf_counter() - t0
         if profiler is not None:

@@ -34,7 +34,7 @@ from infertap.agent.inspect.baseline import (
     NumericFeature,
     bin_counts,
 )
-from infertap.agent.inspect.features import extract_features
+from infertap.agent.inspect.features import FeatureColumns, RowSpans, extract_features
 from infertap.agent.inspect.findings import Finding, Severity
 from infertap.agent.models.inference_event import InferenceEvent
 
@@ -255,7 +255,10 @@ class DriftMonitor:
 
     def observe(self, event: InferenceEvent) -> list[Finding]:
         """Add an event's feature values; returns findings for levels that changed."""
-        cols = extract_features(event, self.baseline)
+        return self.observe_extracted(extract_features(event, self.baseline))
+
+    def observe_extracted(self, cols: FeatureColumns) -> list[Finding]:
+        """observe() with the event's features already extracted (extract_features)."""
         for p in cols.problems:
             self.skipped[p.type] += 1
         if not cols.columns:
@@ -279,6 +282,49 @@ class DriftMonitor:
                 w.fresh = 0
                 findings.extend(self._judge(name, tracker))
         return findings
+
+    def observe_matrices(
+        self, values: npt.NDArray[np.float64], rows: RowSpans
+    ) -> list[list[Finding]]:
+        """observe() of a run of events whose features are numeric matrices, stacked as in
+        SchemaChecker.check_matrices: per event the findings observe() would have returned.
+
+        Each feature's values for the whole run go into its window in at most a few slices: the
+        events after which observe() would judge (its window full enough and `every` values
+        fresh) are found from the running count of finite values, and the window is judged
+        exactly there, so levels, findings and gauges come out as one event at a time."""
+        out: list[list[Finding]] = [[] for _ in range(len(rows))]
+        need, every = self.config.min_n, self.config.every
+        for j, f in enumerate(self.baseline.features):
+            tracker = self._trackers.get(f.name)
+            if tracker is None:
+                self.skipped["unknown_feature"] += len(rows)
+                continue
+            column = values[:, j]
+            finite = np.isfinite(column)
+            kept = column[finite]
+            if len(kept) != len(column):
+                self.skipped["nonfinite_value"] += len(column) - len(kept)
+            assert isinstance(tracker, _NumericTracker)  # matrices: all-numeric baselines
+            tracker.seen += bin_counts(tracker.edges, kept)
+            ends = np.cumsum(rows.count_per_event(finite))
+            w = tracker.window
+            taken = 0  # values of `kept` already in the window
+            first = 0  # events before this one are in the window
+            while first < len(ends):
+                # observe() judges after the first event that brings both thresholds in reach.
+                target = taken + max(every - w.fresh, need - w.n)
+                i = first + int(np.searchsorted(ends[first:], target, side="left"))
+                if i >= len(ends):
+                    break
+                first = i + 1
+                end = int(ends[i])
+                w.extend(kept[taken:end])
+                taken = end
+                w.fresh = 0
+                out[i].extend(self._judge(f.name, tracker))
+            w.extend(kept[taken:])
+        return out
 
     def _judge(self, name: str, tracker: _NumericTracker | _CategoricalTracker) -> list[Finding]:
         n = tracker.window.n

@@ -6,11 +6,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy.typing as npt
 
 from infertap.agent.inspect.baseline import Baseline
 from infertap.agent.inspect.drift import DriftConfig, DriftMonitor, FeatureBins
+from infertap.agent.inspect.features import (
+    all_numeric,
+    extract_features,
+    numeric_matrix,
+    stack_matrices,
+)
 from infertap.agent.inspect.findings import Finding
 from infertap.agent.inspect.pii import PiiScanner
 from infertap.agent.inspect.schema import SchemaChecker, SchemaConfig
@@ -87,6 +96,32 @@ class InspectionEngine:
             findings += drifted
         return findings
 
+    def inspect_batch(self, events: Sequence[InferenceEvent]) -> list[list[Finding]]:
+        """inspect() of each event, in order, done a batch at a time: the same findings, the
+        same drift windows and counters as calling inspect() on each event in turn.
+
+        Features are extracted once per event. A model's consecutive events that send their
+        features as a numeric matrix (the usual V2 layout) are checked and fed to drift as one
+        float64 matrix; any other event of that model is done alone, in its place in the order,
+        so drift windows see the values in the order the calls came."""
+        with self._lock:
+            pii, drift, schema, watched = self._pii, self._drift, self._schema, self._watched
+        out: list[list[Finding]] = [[] for _ in events]
+        if pii is not None:
+            for i, event in enumerate(events):
+                out[i] = pii.scan_event(event)
+        by_model: dict[str, list[int]] = {}
+        for i, event in enumerate(events):
+            if event.request_truncated or not event.inputs:
+                continue  # missing tensors must not read as drift or schema problems
+            if event.model in schema or event.model in drift:
+                by_model.setdefault(event.model, []).append(i)
+        for model, indices in by_model.items():
+            _ModelBatch(schema.get(model), drift.get(model), watched.get(model), events, out).run(
+                indices
+            )
+        return out
+
     def drift_values(self) -> dict[tuple[str, str, str], float]:
         """(model, feature, stat) -> current value, for the feature drift gauge."""
         with self._lock:
@@ -111,3 +146,61 @@ class InspectionEngine:
                 if model not in watched or feature in watched[model]:
                     out[(model, feature)] = bins
         return out
+
+
+class _ModelBatch:
+    """One model's share of a batch: runs of matrix events at once, other events alone."""
+
+    def __init__(
+        self,
+        schema: SchemaChecker | None,
+        drift: DriftMonitor | None,
+        watched: frozenset[str] | None,
+        events: Sequence[InferenceEvent],
+        out: list[list[Finding]],
+    ) -> None:
+        self.schema, self.drift, self.watched = schema, drift, watched
+        self.events, self.out = events, out
+        holder = schema if schema is not None else drift
+        assert holder is not None
+        self.baseline = holder.baseline
+        self.matrix_path = all_numeric(self.baseline)
+
+    def run(self, indices: list[int]) -> None:
+        run: list[int] = []
+        matrices: list[npt.NDArray[Any]] = []
+        for i in indices:
+            matrix = numeric_matrix(self.events[i], self.baseline) if self.matrix_path else None
+            if matrix is not None:
+                run.append(i)
+                matrices.append(matrix)
+                continue
+            if run:
+                self._matrices(run, matrices)
+                run, matrices = [], []
+            self._alone(i)
+        if run:
+            self._matrices(run, matrices)
+
+    def _keep(self, drifted: list[Finding]) -> list[Finding]:
+        if self.watched is None:
+            return drifted
+        return [f for f in drifted if f.location in self.watched]
+
+    def _alone(self, i: int) -> None:
+        cols = extract_features(self.events[i], self.baseline)
+        if self.schema is not None:
+            self.out[i] += self.schema.check_columns(self.events[i], cols)
+        if self.drift is not None:
+            self.out[i] += self._keep(self.drift.observe_extracted(cols))
+
+    def _matrices(self, run: list[int], matrices: list[npt.NDArray[Any]]) -> None:
+        values, rows = stack_matrices(matrices)
+        if self.schema is not None:
+            checked = self.schema.check_matrices([self.events[i] for i in run], values, rows)
+            for i, found in zip(run, checked, strict=True):
+                self.out[i] += found
+        if self.drift is not None:
+            for i, drifted in zip(run, self.drift.observe_matrices(values, rows), strict=True):
+                if drifted:
+                    self.out[i] += self._keep(drifted)

@@ -140,3 +140,67 @@ def extract_features(event: InferenceEvent, baseline: Baseline) -> FeatureColumn
         else:
             out.columns[f.name], out.dtypes[f.name] = col, _element_dtype(a[:, j])
     return out
+
+
+def all_numeric(baseline: Baseline) -> bool:
+    """Whether every feature of the baseline is numeric (the batch matrix path needs it)."""
+    return bool(baseline.features) and all(isinstance(f, NumericFeature) for f in baseline.features)
+
+
+def numeric_matrix(event: InferenceEvent, baseline: Baseline) -> npt.NDArray[Any] | None:
+    """The event's feature rows as one [rows, n_features] numeric tensor, when its layout is
+    exactly the matrix one extract_features would map with no problem: no input named after a
+    feature, the first input of width n a numeric (bool, int, float) tensor with rows. Else None
+    (the caller then takes extract_features' general path). Only for all-numeric baselines.
+
+    The result is the tensor as sent (its own dtype), reshaped, so its dtype is the one
+    extract_features reports for each column."""
+    names = baseline.feature_names
+    n = len(names)
+    inputs = event.inputs
+    for name in names:
+        if name in inputs:
+            return None
+    for raw in inputs.values():
+        a = raw if isinstance(raw, np.ndarray) else np.asarray(raw)
+        if a.ndim in (1, 2) and a.shape[-1] == n:
+            if a.dtype.kind not in "biuf" or a.size == 0:
+                return None
+            return a.reshape(-1, n)
+    return None
+
+
+@dataclass(slots=True)
+class RowSpans:
+    """Where each event's rows sit in a stack of numeric matrices (stack_matrices)."""
+
+    starts: npt.NDArray[np.intp]
+    ends: npt.NDArray[np.intp]
+    dtypes: list[np.dtype[Any]]  # the dtype each event sent
+    one_row_each: bool  # every event sent one row: per-event reductions are the rows themselves
+
+    def __len__(self) -> int:
+        return len(self.dtypes)
+
+    def any_per_event(self, cells: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+        """[events, columns]: whether any of an event's rows is set, per column."""
+        if self.one_row_each:
+            return cells
+        return np.logical_or.reduceat(cells, self.starts, axis=0)
+
+    def count_per_event(self, cells: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+        """[events]: how many of an event's cells (a 1-D column) are set."""
+        if self.one_row_each:
+            return cells.astype(np.int64)
+        return np.add.reduceat(cells.astype(np.int64), self.starts)
+
+
+def stack_matrices(
+    matrices: list[npt.NDArray[Any]],
+) -> tuple[npt.NDArray[np.float64], RowSpans]:
+    """numeric_matrix results of a run of events as one float64 matrix, each converted on its
+    own (as extract_features converts each event's columns), with the events' row spans."""
+    counts = np.fromiter((len(m) for m in matrices), dtype=np.intp, count=len(matrices))
+    ends = np.cumsum(counts)
+    spans = RowSpans(ends - counts, ends, [m.dtype for m in matrices], bool((counts == 1).all()))
+    return np.concatenate(matrices, axis=0, dtype=np.float64, casting="unsafe"), spans

@@ -10,13 +10,15 @@ never categorical values (they may be personal data).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 
 from infertap.agent.inspect.baseline import Baseline, NumericFeature
-from infertap.agent.inspect.features import extract_features
+from infertap.agent.inspect.features import FeatureColumns, RowSpans, extract_features
 from infertap.agent.inspect.findings import Finding, Severity
 from infertap.agent.models.inference_event import InferenceEvent
 
@@ -74,6 +76,23 @@ class SchemaChecker:
             for f in baseline.features
             if not isinstance(f, NumericFeature)
         }
+        # For check_matrices (all-numeric baselines): per feature, in baseline order, the bounds
+        # _numeric() uses, so a cell is flagged exactly when _numeric() would report it.
+        self._numeric_features = [f for f in baseline.features if isinstance(f, NumericFeature)]
+        lo, hi, nan_forbidden = [], [], []
+        for f in self._numeric_features:
+            if f.min is None or f.max is None:
+                lo.append(-np.inf)
+                hi.append(np.inf)
+            else:
+                slack = self.config.range_tolerance * (f.max - f.min)
+                lo.append(f.min - slack)
+                hi.append(f.max + slack)
+            nan_forbidden.append(f.nan_share == 0.0)
+        self._lo = np.array(lo, dtype=np.float64)
+        self._hi = np.array(hi, dtype=np.float64)
+        self._nan_forbidden = np.array(nan_forbidden, dtype=bool)
+        self._mismatch_cache: dict[np.dtype[Any], frozenset[int]] = {}
 
     def _finding(self, type_: str, location: str, message: str, value: float | None) -> Finding:
         return Finding(
@@ -87,12 +106,18 @@ class SchemaChecker:
         )
 
     def check(self, event: InferenceEvent) -> list[Finding]:
-        out: list[Finding] = []
+        return self.check_columns(event, extract_features(event, self.baseline))
+
+    def _payload(self, event: InferenceEvent) -> list[Finding]:
         size = event.payload_bytes or sum(np.asarray(a).nbytes for a in event.inputs.values())
         if size > self.config.max_payload_bytes:
             msg = f"payload of {size} bytes exceeds {self.config.max_payload_bytes}"
-            out.append(self._finding("payload_size", "$", msg, float(size)))
-        cols = extract_features(event, self.baseline)
+            return [self._finding("payload_size", "$", msg, float(size))]
+        return []
+
+    def check_columns(self, event: InferenceEvent, cols: FeatureColumns) -> list[Finding]:
+        """check() with the event's features already extracted (extract_features)."""
+        out = self._payload(event)
         for p in cols.problems:
             out.append(self._finding(p.type, p.location, p.message, None))
         for name, values in cols.columns.items():
@@ -145,3 +170,44 @@ class SchemaChecker:
             return []
         msg = f"{unseen} of {len(v)} values are categories not seen in training"
         return [self._finding("category", name, msg, float(unseen))]
+
+    def check_matrices(
+        self, events: Sequence[InferenceEvent], values: npt.NDArray[np.float64], rows: RowSpans
+    ) -> list[list[Finding]]:
+        """check() of a run of events whose features are numeric matrices (numeric_matrix),
+        stacked as float64 in `values` [total rows, n features], event i's rows at
+        rows.starts[i]:rows.ends[i]; `rows.dtypes[i]` the dtype event i sent. All features of
+        the baseline are numeric. The same findings as check() per event, in the same order:
+        NaN, inf and range are screened for the whole run with one pass of numpy, and only the
+        (event, feature) cells that trip something are worked out one by one."""
+        out = [self._payload(e) for e in events]
+        bad = np.isinf(values)
+        bad |= np.isnan(values) & self._nan_forbidden
+        with np.errstate(invalid="ignore"):  # NaN compares false: never outside
+            bad |= (values < self._lo) | (values > self._hi)
+        tripped = rows.any_per_event(bad)
+        dtype_cells = [self._dtype_mismatches(dt) for dt in rows.dtypes]
+        for i in np.flatnonzero(tripped.any(axis=1) | np.array([bool(c) for c in dtype_cells])):
+            findings = out[i]
+            mismatched = dtype_cells[i]
+            for j in range(len(self._numeric_features)):
+                f = self._numeric_features[j]
+                if j in mismatched:
+                    msg = f"{rows.dtypes[i]} values; trained on {f.dtype}"
+                    findings.append(self._finding("dtype", f.name, msg, None))
+                if tripped[i, j]:
+                    findings.extend(self._numeric(f, values[rows.starts[i] : rows.ends[i], j]))
+        return out
+
+    def _dtype_mismatches(self, dtype: np.dtype[Any]) -> frozenset[int]:
+        """Feature indices whose trained dtype class differs from a tensor of `dtype`."""
+        known = self._mismatch_cache.get(dtype)
+        if known is None:
+            live = _dtype_class(dtype.kind)
+            known = frozenset(
+                j
+                for j, f in enumerate(self._numeric_features)
+                if (t := _trained_class(f.dtype)) is not None and t != live
+            )
+            self._mismatch_cache[dtype] = known
+        return known
