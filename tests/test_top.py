@@ -327,7 +327,9 @@ async def settle(pilot: Pilot[None], app: TopApp) -> None:
     await pilot.pause()
 
 
-def snapshot_text(size: tuple[int, int], keys: tuple[str, ...] = ()) -> str:
+def snapshot_text(
+    size: tuple[int, int], keys: tuple[str, ...] = (), source: RecordedSource | None = None
+) -> str:
     shots: list[str] = []
 
     async def take(pilot: Pilot[None], app: TopApp) -> None:
@@ -337,7 +339,7 @@ def snapshot_text(size: tuple[int, int], keys: tuple[str, ...] = ()) -> str:
         app.export_screenshot()  # the SVG export works as well
         shots.append(app.screen_text())
 
-    run_app(size, take)
+    run_app(size, take, source)
     return shots[0]
 
 
@@ -448,12 +450,13 @@ def test_sort_key_and_filter_box() -> None:
         def first() -> str | None:
             return table.coordinate_to_cell_key(Coordinate(0, 0)).row_key.value
 
-        assert first() == "fraud"
+        assert first() == "fraud\0kserve-v2-rest"  # rows are per model and protocol
         await pilot.press("s", "s", "s")  # name -> rate -> p99 -> errors
-        assert app.sort == "errors" and first() == "sentiment"
+        assert app.sort == "errors" and first() == "sentiment\0kserve-v2-grpc"
         assert "sort errors" in app.screen_text()
         await pilot.press("slash", *"frau", "enter")
-        assert app.filter_text == "frau" and table.row_count == 1 and first() == "fraud"
+        assert app.filter_text == "frau" and table.row_count == 1
+        assert first() == "fraud\0kserve-v2-rest"
         assert "filter 'frau'" in app.screen_text()
         await pilot.press("escape")
         assert app.filter_text == "" and table.row_count == 2
@@ -547,3 +550,87 @@ def test_api_source_polls_streams_and_blocks(tmp_path: Path) -> None:
             source.close()
     finally:
         server.stop(grace=None)
+
+
+# -- one model over two protocols ---------------------------------------------------------------
+
+# fraud is also called over gRPC (port 8001): 4 calls at 106..109 s, 5 6 7 8 ms, the last failed.
+FRAUD_GRPC = [
+    (
+        (106 + i) * S,
+        {
+            "model": "fraud",
+            "version": "3",
+            "protocol": "kserve-v2-grpc",
+            "service": "10.0.0.5:8001",
+            "pod": "default/fraud-6b8f9",
+            "status": "ok" if i < 3 else "UNAVAILABLE",
+            "error": "",
+            "latency_ms": 5.0 + i,
+        },
+    )
+    for i in range(4)
+]
+
+
+class TwoProtocolSource(RecordedSource):
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending += [
+            pb.Event(ts_ns=t, kind="inference", data_json=json.dumps(d)) for t, d in FRAUD_GRPC
+        ]
+
+
+def test_a_model_called_over_rest_and_grpc_has_a_row_for_each() -> None:
+    state = folded()
+    state.apply_events(TwoProtocolSource().events()[-len(FRAUD_GRPC) :])
+    rows = [
+        (r.name, r.protocol, r.window_calls, r.total, r.errors, r.service, r.p50_ms, r.p99_ms)
+        for r in state.model_rows()
+    ]
+    assert rows == [
+        ("fraud", "kserve-v2-grpc", 4, 4, 1, "10.0.0.5:8001", 6.0, 8.0),
+        ("fraud", "kserve-v2-rest", 10, 11, 2, "10.0.0.5:8000", 13.0, 90.0),
+        ("sentiment", "kserve-v2-grpc", 5, 5, 2, "10.0.0.7:8001", 25.0, 35.0),
+    ]
+    both = state.model_row("fraud")  # no protocol: every call of the model
+    assert (both.window_calls, both.total, both.errors, both.p99_ms) == (14, 15, 3, 90.0)
+    # The filter matches each row's own service.
+    assert [(r.name, r.protocol) for r in state.model_rows("10.0.0.5:8001")] == [
+        ("fraud", "kserve-v2-grpc")
+    ]
+
+
+def _models_lines(text: str) -> list[str]:
+    # The models panel's fraud rows (the flows panel names fraud's cgroup, never a circuit).
+    return [ln for ln in text.splitlines() if "fraud" in ln and "closed" in ln]
+
+
+def test_view_shows_a_row_per_protocol_at_200x50() -> None:
+    lines = _models_lines(snapshot_text((200, 50), source=TwoProtocolSource()))
+    assert len(lines) == 2, lines
+    grpc, rest = lines  # sorted by name, then protocol
+    for words in ("kserve-v2-grpc", " 4 ", "0.4", "6.0", "8.0", "25", "10.0.0.5:8001"):
+        assert words in grpc, (words, grpc)
+    for words in ("kserve-v2-rest", " 11 ", "1.0", "13.0", "90", "20", "10.0.0.5:8000"):
+        assert words in rest, (words, rest)
+
+
+def test_view_shows_a_row_per_protocol_at_80x24() -> None:
+    lines = _models_lines(snapshot_text((80, 24), source=TwoProtocolSource()))
+    assert len(lines) == 2 and max(len(ln) for ln in lines) <= 80, lines
+    assert " grpc " in lines[0] and "10.0.0.5:8001" in lines[0]
+    assert " rest " in lines[1] and "10.0.0.5:8000" in lines[1]
+
+
+def test_block_on_a_protocol_row_blocks_that_rows_service() -> None:
+    source = TwoProtocolSource()
+
+    async def steps(pilot: Pilot[None], app: TopApp) -> None:
+        await pilot.press("b")  # the first row: fraud over gRPC
+        assert "block service 10.0.0.5:8001 (model fraud)? y to confirm" in app.screen_text()
+        await pilot.press("y")
+        await settle(pilot, app)
+
+    run_app((80, 24), steps, source)
+    assert source.calls == [("block", service_target("10.0.0.5", 8001))]

@@ -101,6 +101,11 @@ def _age(ns: int) -> str:
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h"
 
 
+def _short_protocol(protocol: str) -> str:
+    """ "kserve-v2-grpc" -> "grpc", "kserve-v2-rest" -> "rest", "openai" -> "openai"."""
+    return protocol.rsplit("-", 1)[-1] or "-"
+
+
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -273,7 +278,9 @@ class TopApp(App[None]):
     def _render_models(self) -> None:
         rows = self.state.model_rows(self.filter_text, self.sort)
         cols: list[tuple[str, str]] = [("model", "model")]
-        if not self.compact:
+        if self.compact:  # one row per model and protocol: say which, briefly
+            cols += [("via", "via")]
+        else:
             cols += [("proto", "proto"), ("calls", "calls")]
         cols += [
             ("rate", "req/s"),
@@ -287,7 +294,9 @@ class TopApp(App[None]):
         for r in rows:
             err = "-" if r.error_rate is None else f"{100 * r.error_rate:.0f}"
             cells: list[Text | str] = [_clip(r.name, 16 if self.compact else 32)]
-            if not self.compact:
+            if self.compact:
+                cells += [_short_protocol(r.protocol)]
+            else:
                 cells += [r.protocol, str(r.total)]
             cells += [
                 f"{r.rate:.1f}",
@@ -297,7 +306,7 @@ class TopApp(App[None]):
                 Text(r.circuit, style=CIRCUIT_STYLE.get(r.circuit, "")),
                 r.service,
             ]
-            out.append((r.name, cells))
+            out.append((f"{r.name}\0{r.protocol}", cells))
         self._sync("models", cols, out)
         self.query_one(
             "#models-panel"
@@ -465,9 +474,11 @@ class TopApp(App[None]):
             return None
         service = ""
         if focused.id in ("models", "drift", "pii-counts"):
-            model = key.split("\0")[0]
+            model, _, rest = key.partition("\0")
             m = self.state.models.get(model)
             service = m.service if m is not None else ""
+            if m is not None and focused.id == "models" and rest in m.protocols:
+                service = m.protocols[rest].service or service  # the row's own protocol
             what = f"model {model}"
         elif focused.id == "flows":
             flow = next((f for f in self.state.flows if str(f.id) == key), None)

@@ -1,8 +1,9 @@
 """What `infertap top` shows, folded from the agent's events and polled snapshots.
 
 Plain Python with no UI in it, so every number on screen is unit-tested here:
-- per model, over the last WINDOW_S seconds of inference events: request rate, p50/p99 latency
-  (nearest rank) and error rate; circuit state from "circuit" events and ListModels;
+- per model and protocol (a model called over REST and gRPC gets a row for each), over the last
+  WINDOW_S seconds of inference events: request rate, p50/p99 latency (nearest rank) and error
+  rate; circuit state (per model) from "circuit" events and ListModels;
 - per (model, feature): the latest PSI/KS/JS and a trend of recent values;
 - PII findings: counts by type and by model, and the latest few redacted examples;
 - flows and verdicts as last polled.
@@ -104,13 +105,21 @@ class Call:
 
 
 @dataclass(slots=True)
-class ModelStats:
-    name: str
+class ProtocolStats:
+    """One model's calls over one protocol (a model served over REST and gRPC has two)."""
+
     calls: deque[Call] = field(default_factory=lambda: deque(maxlen=MAX_CALLS))
     total: int = 0
     errors: int = 0
+    service: str = ""  # the last "ip:port" it was called on over this protocol
+
+
+@dataclass(slots=True)
+class ModelStats:
+    name: str
+    protocols: dict[str, ProtocolStats] = field(default_factory=dict)
     service: str = ""  # the last "ip:port" it was served on: what `b` blocks
-    protocol: str = ""
+    protocol: str = ""  # the last protocol it was called over
     version: str = ""
     pod: str = ""
     last_error: str = ""
@@ -278,13 +287,17 @@ class TopState:
         m = self._model(str(d["model"]))
         ok = str(d.get("status") or "ok") == "ok"
         latency = d.get("latency_ms")
-        m.calls.append(Call(ts_ns, float(latency) if latency is not None else None, ok))
-        m.total += 1
-        if not ok:
-            m.errors += 1
-            m.last_error = str(d.get("error") or d.get("status"))
-        m.service = str(d.get("service") or m.service)
         m.protocol = str(d.get("protocol") or m.protocol)
+        m.service = str(d.get("service") or m.service)
+        ps = m.protocols.get(m.protocol)
+        if ps is None:
+            ps = m.protocols[m.protocol] = ProtocolStats()
+        ps.calls.append(Call(ts_ns, float(latency) if latency is not None else None, ok))
+        ps.total += 1
+        ps.service = m.service
+        if not ok:
+            ps.errors += 1
+            m.last_error = str(d.get("error") or d.get("status"))
         m.version = str(d.get("version") or m.version)
         m.pod = str(d.get("pod") or m.pod)
 
@@ -336,42 +349,57 @@ class TopState:
 
     # -- what the panels show --
 
-    def _window(self, m: ModelStats, now: int) -> list[Call]:
+    def _window(self, ps: ProtocolStats, now: int) -> list[Call]:
         # Calls arrive roughly in order; drop the expired ones from the left for good.
-        while m.calls and m.calls[0].ts_ns <= now - WINDOW_NS:
-            m.calls.popleft()
-        return [c for c in m.calls if c.ts_ns <= now]
+        while ps.calls and ps.calls[0].ts_ns <= now - WINDOW_NS:
+            ps.calls.popleft()
+        return [c for c in ps.calls if c.ts_ns <= now]
 
-    def model_row(self, name: str, now_ns: int | None = None) -> ModelRow:
+    def model_row(
+        self, name: str, now_ns: int | None = None, *, protocol: str | None = None
+    ) -> ModelRow:
+        """The model's numbers over one protocol, or (protocol None) over all of them."""
         now = self.now_ns() if now_ns is None else now_ns
         m = self.models[name]
-        calls = self._window(m, now)
+        chosen = [(proto, ps) for proto, ps in m.protocols.items() if protocol in (None, proto)]
+        calls = sorted(
+            (c for _, ps in chosen for c in self._window(ps, now)), key=lambda c: c.ts_ns
+        )
         latencies = [c.latency_ms for c in calls if c.latency_ms is not None]
         errors = sum(1 for c in calls if not c.ok)
+        one = m.protocols.get(protocol) if protocol is not None else None
         return ModelRow(
             name=m.name,
-            service=m.service,
-            protocol=m.protocol,
+            service=one.service if one is not None and one.service else m.service,
+            protocol=protocol if protocol is not None else m.protocol,
             rate=len(calls) / WINDOW_S,
             p50_ms=percentile(latencies, 50),
             p99_ms=percentile(latencies, 99),
             error_rate=errors / len(calls) if calls else None,
             window_calls=len(calls),
-            total=m.total,
-            errors=m.errors,
+            total=sum(ps.total for _, ps in chosen),
+            errors=sum(ps.errors for _, ps in chosen),
             circuit=m.circuit,
         )
 
     def model_rows(
         self, filter_text: str = "", sort: str = "name", now_ns: int | None = None
     ) -> list[ModelRow]:
+        """One row per model and protocol (a model called over REST and gRPC has two rows; one
+        known only from circuits or ListModels has one, without a protocol)."""
         needle = filter_text.strip().lower()
         rows = [
-            self.model_row(name, now_ns)
+            self.model_row(name, now_ns, protocol=proto)
             for name, m in self.models.items()
-            if _matches(needle, name, m.service, m.pod)
+            for proto in (sorted(m.protocols) or [""])
+            if _matches(
+                needle,
+                name,
+                m.pod,
+                m.protocols[proto].service if proto in m.protocols else m.service,
+            )
         ]
-        rows.sort(key=lambda r: r.name)
+        rows.sort(key=lambda r: (r.name, r.protocol))
         if sort == "rate":
             rows.sort(key=lambda r: -r.rate)
         elif sort == "p99":
