@@ -36,6 +36,7 @@ bench:
 	$(PY) -m benchmarks.datapath
 	$(PY) -m benchmarks.polyfill
 	$(PY) -m benchmarks.inspector
+	$(PY) -m benchmarks.tls
 
 clean:
 	rm -rf .venv build *.egg-info agent/api/*_pb2*.py agent/api/*_pb2.pyi

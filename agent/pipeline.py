@@ -31,6 +31,7 @@ from infertap.agent.flows.records import (
     Role,
     Sample,
 )
+from infertap.agent.flows.tls_streams import TlsStreams
 from infertap.agent.inspect.engine import InspectionEngine
 from infertap.agent.inspect.findings import Finding
 from infertap.agent.inspect.traffic_names import safe_name, safe_path
@@ -131,6 +132,7 @@ class Pipeline:
         self.batch_size = max(1, batch_size)
         # Decoded calls waiting for inspection: (event, pod, client flow cookie).
         self._pending: list[tuple[InferenceEvent, tuple[str, str], int | None]] = []
+        self.tls = TlsStreams()
         self.records = 0
         self.unknown_records = 0
         self.exchanges = 0
@@ -146,7 +148,10 @@ class Pipeline:
             if isinstance(rec, Sample):
                 for tap in self.sample_taps:
                     tap(rec)
-                self._exchanges(self.decoder.on_sample(rec))
+                if rec.tls:
+                    self._tls_sample(rec)
+                else:
+                    self._exchanges(self.decoder.on_sample(rec))
             elif isinstance(rec, FlowStart):
                 self._flows[rec.flow.cookie] = rec.flow
                 self._by_conn.setdefault(rec.flow.connection, {})[rec.flow.role] = rec.flow
@@ -163,7 +168,19 @@ class Pipeline:
         except Exception:  # a bug, not bad input: log it with its traceback, keep reading
             log.exception("record handling failed")
 
+    def _tls_sample(self, rec: Sample) -> None:
+        """TLS plaintext: fed as a virtual flow of its own (agent/flows/tls_streams.py)."""
+        routed, new_flow = self.tls.route(rec, self._flows.get(rec.cookie))
+        if self.tls.dropped(routed):
+            return
+        if new_flow is not None:
+            self.decoder.on_flow_start(new_flow)
+        self._exchanges(self.decoder.on_sample(routed))
+
     def _flow_end(self, rec: FlowEnd) -> None:
+        # The socket's plaintext flows end first, while the connection still knows its pods.
+        for vcookie in self.tls.socket_ended(rec.flow.cookie):
+            self._exchanges(self.decoder.on_flow_end(vcookie))
         known = self._flows.pop(rec.flow.cookie, None)
         flow = rec.flow
         if not flow.cgroup_id and known is not None:

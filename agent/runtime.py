@@ -47,6 +47,7 @@ from infertap.agent.inspect.engine import InspectionEngine
 from infertap.agent.kernel.ringbuf import RingReader
 from infertap.agent.kernel.sensor import Sensor, SensorOptions
 from infertap.agent.kernel.steering import Steering
+from infertap.agent.kernel.tls import TlsUnit
 from infertap.agent.mirror.mirror import Mirror
 from infertap.agent.pipeline import Pipeline
 from infertap.agent.pod_labels import PodDirectory
@@ -83,6 +84,7 @@ class AgentOptions:
     kube_api: Any = None  # with kubernetes: a KubeApi (tests); None = the in-cluster client
     ring_pages: int = 4096
     accelerate: bool = False  # same-node acceleration (off by default; on by flag or policy)
+    tls_plaintext: bool = False  # uprobes on TLS libraries: decode HTTPS/gRPC-over-TLS too
     otlp_endpoint: str | None = None  # tracing: OTLP/gRPC host:port; given, it wins over policy
     trace_sample_ratio: float | None = None  # tracing: share of new traces; None = policy's
     extra: dict[str, str] = field(default_factory=dict)
@@ -158,7 +160,8 @@ class Agent:
             batch_size=INSPECT_BATCH,
         )
         self.pipeline.exchange_taps.append(self.mirror.tap)
-        self.tracer = CallTracer(self.pods.labels)  # configured by the policy applier
+        # Configured by the policy applier.
+        self.tracer = CallTracer(self.pods.labels, is_tls=self.pipeline.tls.is_tls)
         self.pipeline.exchange_taps.append(self.tracer.tap)
         # Loaded only when the starting policy routes something: its getsockopt program runs
         # on every getsockopt in the pods. Routes added by a later reload need a restart.
@@ -190,6 +193,7 @@ class Agent:
                 self._policy_in_force,
             ),
         )
+        self.tls: TlsUnit | None = None  # start_tls(): TLS plaintext capture (agent/kernel/tls.py)
         self.ready = False
         self.started_at = time.time()
         self._stop = threading.Event()
@@ -219,6 +223,8 @@ class Agent:
                 self.registry, host, port, lambda: self.ready, self.healthy
             )
         self.sensor.start()
+        if self.options.tls_plaintext:
+            self.start_tls()
         if self.steering is not None:
             self.steering.start()  # before the policy is applied: it sets the routes
         self.policy.apply(self.policy.policy)
@@ -267,6 +273,19 @@ class Agent:
             api.start()
             self.api = api
         self.ready = True
+
+    def start_tls(self) -> TlsUnit:
+        """Load the TLS plaintext unit (after the sensor: it shares its maps). Idempotent."""
+        if self.tls is None:
+            unit = TlsUnit(self.sensor)
+            unit.start()
+            self.tls = unit
+        return self.tls
+
+    def stop_tls(self) -> None:
+        if self.tls is not None:
+            self.tls.close()
+            self.tls = None
 
     def _start_discovery(self) -> None:
         from infertap.agent.discovery.pod_watch import PodWatcher
@@ -340,6 +359,7 @@ class Agent:
         self.clients.release()
         if self.steering is not None:
             self.steering.close()
+        self.stop_tls()  # before the sensor: its programs use the sensor's maps
         self.sensor.close()
 
     def wait(self) -> None:

@@ -28,6 +28,8 @@
 /* Sample flags. */
 #define ITAP_SAMPLE_TRUNCATED 1   /* the message is longer than the bytes captured */
 #define ITAP_SAMPLE_PULL_FAILED 2 /* bpf_msg_pull_data failed: fewer bytes than asked for */
+#define ITAP_SAMPLE_TLS 4          /* plaintext from a TLS library call (bpf/tls.c), not TCP bytes */
+#define ITAP_SAMPLE_TLS_RECEIVED 8 /* TLS: bytes the flow received (its peer's sends) */
 
 /* Verdict values in the verdict maps. */
 #define ITAP_VERDICT_BLOCK 1
@@ -49,6 +51,15 @@
 #define ITAP_STAT_REDIRECTED 13      /* messages sent straight to the peer socket */
 #define ITAP_STAT_REDIRECT_MISSED 14 /* accelerated, but the peer was gone: sent over TCP */
 #define ITAP_STAT_COUNT 15
+
+/* Indexes into the TLS per-CPU stats array (bpf/tls.c). */
+#define ITAP_TLS_STAT_CALLS 0        /* SSL read/write calls that moved bytes */
+#define ITAP_TLS_STAT_BYTES 1        /* plaintext bytes they moved */
+#define ITAP_TLS_STAT_SAMPLES 2
+#define ITAP_TLS_STAT_SAMPLES_LOST 3 /* ring buffer full */
+#define ITAP_TLS_STAT_NO_SOCKET 4    /* the SSL object's socket is not known yet */
+#define ITAP_TLS_STAT_UNTRACKED 5    /* its socket is not an intercepted flow */
+#define ITAP_TLS_STAT_COUNT 6
 
 /* A TCP connection as one socket sees it. Addresses in network order (IPv4 in ip[0]), ports in
  * host order. IPv4-mapped IPv6 addresses are folded to IPv4 so both ends of a dual-stack

@@ -129,6 +129,14 @@ def run(
         bool,
         typer.Option("--accelerate", help="Same-node acceleration (sk_msg redirect to the peer)."),
     ] = False,
+    tls_plaintext: Annotated[
+        bool,
+        typer.Option(
+            "--tls-plaintext",
+            help="Uprobes on the watched pods' OpenSSL (libssl.so.3): decode and inspect their "
+            "TLS traffic too. This agent then holds decrypted traffic: see the README.",
+        ),
+    ] = False,
     otlp_endpoint: Annotated[
         str | None,
         typer.Option(
@@ -192,6 +200,7 @@ def run(
         kubernetes=kubernetes,
         node_name=os.environ.get("NODE_NAME", ""),
         accelerate=accelerate,
+        tls_plaintext=tls_plaintext,
         otlp_endpoint=otlp_endpoint,
         trace_sample_ratio=trace_sample_ratio,
     )

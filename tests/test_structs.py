@@ -55,6 +55,15 @@ def test_python_constants_match_c_defines() -> None:
     assert defines["ITAP_ROLE_SERVER"] == structs.ROLE_SERVER
     assert defines["ITAP_SAMPLE_TRUNCATED"] == structs.SAMPLE_TRUNCATED
     assert defines["ITAP_SAMPLE_PULL_FAILED"] == structs.SAMPLE_PULL_FAILED
+    assert defines["ITAP_SAMPLE_TLS"] == structs.SAMPLE_TLS
+    assert defines["ITAP_SAMPLE_TLS_RECEIVED"] == structs.SAMPLE_TLS_RECEIVED
+    tls = {k: v for k, v in defines.items() if k.startswith("ITAP_TLS_STAT_")}
+    assert tls.pop("ITAP_TLS_STAT_COUNT") == len(structs.TLS_STAT_NAMES)
+    tls_names = [
+        k.removeprefix("ITAP_TLS_STAT_").lower()
+        for k, _ in sorted(tls.items(), key=lambda kv: kv[1])
+    ]
+    assert tls_names == list(structs.TLS_STAT_NAMES)
     assert defines["ITAP_VERDICT_BLOCK"] == structs.VERDICT_BLOCK
     assert defines["ITAP_STEER_MAX_BACKENDS"] == structs.STEER_MAX_BACKENDS
     steer = {k: v for k, v in defines.items() if k.startswith("ITAP_STEER_STAT_")}

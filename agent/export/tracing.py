@@ -439,8 +439,10 @@ class CallTracer:
         self,
         labels: Any = None,
         exporter: Any = None,
+        is_tls: Any = None,
     ) -> None:
         self._labels = labels  # cgroup id -> PodLabels (PodDirectory.labels)
+        self._is_tls = is_tls  # ConnectionId -> bool: decoded from TLS plaintext (url.scheme)
         self._custom_exporter = exporter
         self.spec = TracingSpec()
         self.stats: Counter[str] = Counter()
@@ -495,7 +497,8 @@ class CallTracer:
             labels = self._labels
             client_pod = labels(event.client_cgroup) if labels else ("", "")
             server_pod = labels(event.server_cgroup) if labels else ("", "")
-            record = call_record(exchange, event, client_pod, server_pod)
+            tls = bool(self._is_tls(exchange.request.connection)) if self._is_tls else False
+            record = call_record(exchange, event, client_pod, server_pod, tls=tls)
         except Exception:
             self.stats["record_failures"] += 1
             log.debug("tracing: call not recorded", exc_info=False)

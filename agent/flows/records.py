@@ -109,6 +109,10 @@ class Sample:
     role: Role
     truncated: bool
     pull_failed: bool = False
+    # Plaintext from a TLS library call (bpf/tls.c), not the socket's bytes: a stream of its own.
+    tls: bool = False
+    # TLS only: bytes the flow received (`role` is then its peer's, whose sends they are).
+    received: bool = False
 
     @property
     def end(self) -> int:

@@ -108,6 +108,8 @@ def decode_record(view: memoryview) -> Record | None:
             role=Role(role) if role in (1, 2) else Role.CLIENT,
             truncated=bool(flags & structs.SAMPLE_TRUNCATED),
             pull_failed=bool(flags & structs.SAMPLE_PULL_FAILED),
+            tls=bool(flags & structs.SAMPLE_TLS),
+            received=bool(flags & structs.SAMPLE_TLS_RECEIVED),
         )
     if kind == structs.REC_FLOW_START:
         return FlowStart(flow=decode_flow(view, RECORD.size), ts_ns=ts_ns)

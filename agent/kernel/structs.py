@@ -26,6 +26,8 @@ REC_FLOW_CGROUP = 4
 
 SAMPLE_TRUNCATED = 1
 SAMPLE_PULL_FAILED = 2
+SAMPLE_TLS = 4
+SAMPLE_TLS_RECEIVED = 8
 
 VERDICT_BLOCK = 1
 
@@ -47,6 +49,9 @@ STAT_NAMES = (
     "redirected",
     "redirect_missed",
 )
+
+# Index -> name of the TLS per-CPU stats array (ITAP_TLS_STAT_* in the header, in order).
+TLS_STAT_NAMES = ("calls", "bytes", "samples", "samples_lost", "no_socket", "untracked")
 
 
 class FlowKey(ct.Structure):

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -437,11 +438,23 @@ class V2ServerHandle:
 
 
 def start_v2_server(
-    host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0
+    host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0, tls_dir: Path | None = None
 ) -> V2ServerHandle:
-    """Start the REST and gRPC listeners in background threads. Port 0 picks a free port."""
+    """Start the REST and gRPC listeners in background threads. Port 0 picks a free port.
+    `tls_dir` (server.pem, server-key.pem, as `infertap certs dev-ca` writes them): both speak
+    TLS, REST through Python's ssl (OpenSSL), gRPC through grpcio's own (BoringSSL)."""
     http = ThreadingHTTPServer((host, http_port), _Handler)
     http.daemon_threads = True
+    grpc_creds = None
+    if tls_dir is not None:
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tls_dir / "server.pem", tls_dir / "server-key.pem")
+        http.socket = ctx.wrap_socket(http.socket, server_side=True)
+        grpc_creds = grpc.ssl_server_credentials(
+            [((tls_dir / "server-key.pem").read_bytes(), (tls_dir / "server.pem").read_bytes())]
+        )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="v2-grpc"),
         options=[
@@ -452,7 +465,10 @@ def start_v2_server(
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(), server)
     bind = f"[{host}]:{grpc_port}" if ":" in host else f"{host}:{grpc_port}"
     try:
-        bound = server.add_insecure_port(bind)
+        if grpc_creds is not None:
+            bound = server.add_secure_port(bind, grpc_creds)
+        else:
+            bound = server.add_insecure_port(bind)
     except RuntimeError:
         http.server_close()
         raise
@@ -463,7 +479,7 @@ def start_v2_server(
     return V2ServerHandle(http, server, bound)
 
 
-def start_in_pod(pod: Pod, http_port: int, grpc_port: int) -> str:
+def start_in_pod(pod: Pod, http_port: int, grpc_port: int, tls_dir: Path | None = None) -> str:
     """Run this server inside a test pod (its cgroup and network namespace) on all its addresses,
     and wait until it serves. Returns its ready line; raises if it does not come up."""
     proc = pod.popen(
@@ -477,6 +493,7 @@ def start_in_pod(pod: Pod, http_port: int, grpc_port: int) -> str:
             str(http_port),
             "--grpc-port",
             str(grpc_port),
+            *(["--tls-dir", str(tls_dir)] if tls_dir is not None else []),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -492,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--tls-dir", type=Path, default=None, help="serve TLS with server.pem")
     args = ap.parse_args(argv)
     done = threading.Event()
 
@@ -500,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    handle = start_v2_server(args.host, args.http_port, args.grpc_port)
+    handle = start_v2_server(args.host, args.http_port, args.grpc_port, args.tls_dir)
     print(
         f"v2server ready http={handle.http_url} grpc={handle.grpc_url} models={','.join(MODELS)}",
         flush=True,
