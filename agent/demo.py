@@ -4,7 +4,9 @@ Two pods (cgroup + network namespace + veth): `fraud-model` runs a real KServe V
 gRPC); `feature-store` calls it with tritonclient through three phases (normal traffic, PII
 leaking into requests, drifted features). The agent intercepts both pods from the kernel with a
 baseline of the model's training data, and either opens `infertap top` or, with `--no-tui`, runs
-for a while and prints what it saw. Everything is removed on exit, Ctrl-C included.
+for a while and prints what it saw. A real Prometheus (Debian's, on loopback) scrapes the agent
+and evaluates daemonset/prometheus/'s alert and recording rules meanwhile; the summary ends with
+what it holds. Everything is removed on exit, Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from infertap.agent.inspect.baseline import build_baseline
 from infertap.agent.runtime import Agent, AgentOptions
 from infertap.agent.testbed.fraud_model import FEATURES, example_transactions
 from infertap.agent.testbed.lab import Lab
+from infertap.agent.testbed.prometheus import LocalPrometheus, PrometheusError
 from infertap.agent.testbed.v2server import start_in_pod
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,8 @@ def run_demo(
     console: Console,
     metrics_addr: str = "127.0.0.1:0",
     api: str = "unix:/run/infertap/demo-api.sock",
+    prometheus: bool = True,
+    linger: float = 0.0,
 ) -> int:
     py = sys.executable
     with tempfile.TemporaryDirectory(prefix="infertap-demo-") as tmp, Lab() as lab:
@@ -124,6 +129,7 @@ def run_demo(
             )
         )
         tally = Tally()
+        prom: LocalPrometheus | None = None
         try:
             agent.start()
             sub = agent.events.subscribe(frozenset({"inference", "finding", "circuit", "verdict"}))
@@ -142,6 +148,8 @@ def run_demo(
             console.print(
                 f"agent ready: metrics http://127.0.0.1:{port}/metrics, api {api}", highlight=False
             )
+            if prometheus and port:
+                prom = start_prometheus(workdir / "prometheus", port, console)
             fs = client.popen(
                 [
                     py,
@@ -167,7 +175,18 @@ def run_demo(
             stop.set()
             folder.join(timeout=2)
             summary(console, agent, tally)
+            if prom is not None:
+                time.sleep(2.5)  # a scrape and a rule evaluation after the last call
+                prometheus_summary(console, prom)
+                if linger > 0:
+                    console.print(
+                        f"prometheus: lingering {linger:.0f} s at {prom.url} (Ctrl-C ends it)",
+                        highlight=False,
+                    )
+                    time.sleep(linger)
         finally:
+            if prom is not None:
+                prom.stop()
             agent.stop()
     return 0
 
@@ -218,3 +237,62 @@ def summary(console: Console, agent: Agent, tally: Tally) -> None:
         console.print(f"circuit breaker: {line}", highlight=False)
     for line in tally.verdicts:
         console.print(f"verdict: {line}", highlight=False)
+
+
+def start_prometheus(workdir: Path, agent_port: int, console: Console) -> LocalPrometheus | None:
+    """A real Prometheus on loopback scraping the agent, with daemonset/prometheus/'s rules."""
+    try:
+        prom = LocalPrometheus(workdir, [f"127.0.0.1:{agent_port}"])
+    except PrometheusError as exc:
+        console.print(f"prometheus: not started: {exc}", highlight=False)
+        return None
+    console.print(
+        f"prometheus: {prom.url} scrapes the agent every second and evaluates "
+        f"{', '.join(prom.rule_files) or 'no rule files'}",
+        highlight=False,
+    )
+    return prom
+
+
+def _value(sample: dict[str, object]) -> float:
+    return float(sample["value"][1])  # type: ignore[index]
+
+
+def prometheus_summary(console: Console, prom: LocalPrometheus) -> None:
+    """What the real Prometheus holds now: the scrape, calls, PII, cluster drift and alerts."""
+    try:
+        up = prom.query('up{job="infertap"}')
+        t = Table(title=f"in Prometheus ({prom.url}, from scraping the agent)")
+        for col in ("query", "series", "value"):
+            t.add_column(col)
+        t.add_row("agent target up", ", ".join(s["metric"]["instance"] for s in up), "")
+        for title, expr, label in (
+            (
+                "calls, last 5 min",
+                "sum by (model, protocol) (increase(infertap_inference_requests_total[5m]))",
+                "protocol",
+            ),
+            (
+                "PII findings, last 5 min",
+                "sum by (type) (increase(infertap_pii_findings_total[5m]))",
+                "type",
+            ),
+            (
+                "cluster-wide PSI, last hour",
+                "model_feature:infertap_feature_psi:increase1h",
+                "feature",
+            ),
+            ("circuit state (2 = open)", "max by (model) (infertap_circuit_state)", "model"),
+        ):
+            for s in sorted(prom.query(expr), key=lambda s: str(s["metric"].get(label))):
+                t.add_row(title, str(s["metric"].get(label, "")), f"{_value(s):.3g}")
+        console.print(t)
+        for alert in prom.alerts():
+            labels = alert["labels"]
+            where = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()) if k != "alertname")
+            console.print(
+                f"prometheus alert {alert['state']}: {labels['alertname']} ({where})",
+                highlight=False,
+            )
+    except PrometheusError as exc:
+        console.print(f"prometheus: query failed: {exc}", highlight=False)

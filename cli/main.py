@@ -420,6 +420,14 @@ def demo(
         float, typer.Option(min=5, help="Seconds of client traffic (all three phases).")
     ] = 60.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "warning",
+    prometheus: Annotated[
+        bool,
+        typer.Option(help="Run a real Prometheus on loopback scraping the agent (Debian's)."),
+    ] = True,
+    linger: Annotated[
+        float,
+        typer.Option(min=0, help="Seconds to keep the agent and Prometheus up after the summary."),
+    ] = 0.0,
 ) -> None:
     """Two local pods, a real V2 model server, a feature-store client; watch it from the kernel."""
     from infertap.agent.demo import run_demo
@@ -427,7 +435,7 @@ def demo(
     _setup_logging(log_level)
     # Without a terminal (CI, a pipe) the live view cannot run: print the summary instead.
     tui = not no_tui and sys.stdout.isatty()
-    code = run_demo(duration, tui=tui, console=out)
+    code = run_demo(duration, tui=tui, console=out, prometheus=prometheus, linger=linger)
     raise typer.Exit(code)
 
 

@@ -158,14 +158,11 @@ def promtool() -> str:
 def rule_files() -> dict[str, dict[str, Any]]:
     """<name>.rules.yaml -> the plain rule file (`spec`) of each PrometheusRule in
     daemonset/prometheus/, which is what Prometheus and promtool read."""
-    import yaml
+    from infertap.agent.testbed.prometheus import plain_rule_files
 
-    out = {}
-    for path in sorted(RULES_DIR.glob("*.yaml")):
-        doc = yaml.safe_load(path.read_text())
-        assert doc["kind"] == "PrometheusRule", path
-        out[f"{path.stem}.rules.yaml"] = doc["spec"]
-    return out
+    found = plain_rule_files(RULES_DIR)
+    assert len(found) == len(list(RULES_DIR.glob("*.yaml"))), "not every file is a PrometheusRule"
+    return found
 
 
 def write_rules(directory: Path, change: dict[str, str] | None = None) -> list[Path]:
