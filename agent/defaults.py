@@ -7,6 +7,9 @@ from pathlib import Path
 DEFAULT_API = "unix:/run/infertap/api.sock"
 DEFAULT_METRICS = "127.0.0.1:9464"
 DEFAULT_SAMPLE_BYTES = 4096  # bytes of each message copied to the ring (kernel cap: SAMPLE_MAX)
+# Where bytes are sampled: "skb" (cgroup_skb/egress) or "sk_msg" (see bpf/intercept.c).
+CAPTURE_CHOICES = ("skb", "sk_msg")
+DEFAULT_CAPTURE = "skb"
 DEFAULT_RUN_DIR = Path("/run/infertap")  # instance registry, API socket, kernel header tree
 
 

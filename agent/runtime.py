@@ -87,6 +87,7 @@ class AgentOptions:
     tls_plaintext: bool = False  # uprobes on TLS libraries: decode HTTPS/gRPC-over-TLS too
     otlp_endpoint: str | None = None  # tracing: OTLP/gRPC host:port; given, it wins over policy
     trace_sample_ratio: float | None = None  # tracing: share of new traces; None = policy's
+    capture: str | None = None  # "skb" or "sk_msg"; None: the policy's sampling.capture
     extra: dict[str, str] = field(default_factory=dict)
 
     def sampling(self, policy: SamplingSpec) -> tuple[int, int]:
@@ -125,6 +126,8 @@ class Agent:
                 ring_pages=options.ring_pages,
                 run_dir=options.run_dir,
                 accelerate=options.accelerate,
+                # The flag wins over the policy; fixed for the agent's life (see Governor).
+                capture=options.capture or policy.sampling.capture,
             )
         )
         self.events = EventHub()
@@ -182,6 +185,7 @@ class Agent:
             # (the built-in, observe-only one) every TCP flow is watched, as `run` documents.
             ports_from_policy=not options.ports and options.policy is not None,
             accelerate=options.accelerate,
+            capture_from_policy=options.capture is None,
             sampling=options.sampling,  # flags win over the policy
             steering=self.steering,
             polyfill=self.polyfill,

@@ -19,6 +19,33 @@
 #define ITAP_ROLE_CLIENT 1
 #define ITAP_ROLE_SERVER 2
 
+/* Where a flow's bytes are sampled (itap_config.capture, itap_flow.capture). */
+#define ITAP_CAPTURE_SKB 1    /* cgroup_skb/egress: each skb's first bytes, offsets from TCP seq */
+#define ITAP_CAPTURE_SK_MSG 2 /* sk_msg on the sockhash: each message's first bytes */
+
+/* itap_flow.accel: same-node acceleration, decided once on a flow's first send. */
+#define ITAP_ACCEL_UNDECIDED 0
+#define ITAP_ACCEL_YES 1
+#define ITAP_ACCEL_NO 2
+
+/* itap_flow.h2: skb capture walks the HTTP/2 frames of a flow so that every frame header and
+ * every non-DATA frame (HEADERS, CONTINUATION, SETTINGS, ...) is captured whole whatever the
+ * sample size; only DATA payloads are cut. Detected from the first bytes of the stream: the
+ * client preface, or a server's opening SETTINGS frame. */
+#define ITAP_H2_UNKNOWN 0 /* the stream's first bytes not seen yet */
+#define ITAP_H2_WALK 1    /* HTTP/2: frames are walked */
+#define ITAP_H2_NO 2      /* not HTTP/2, or the walk lost its place: sampled as any flow */
+/* Frame headers walked per skb, and sample pieces one skb may produce beyond its first. */
+#define ITAP_H2_MAX_FRAMES 128
+#define ITAP_H2_MAX_PIECES 16
+
+/* Why a socket is in the sockhash (itap_flow.sockhash). With skb capture a socket joins it only
+ * when it needs sk_msg: a verdict (set at establishment by sockops, or later by userspace through
+ * a descriptor of the socket) or acceleration. */
+#define ITAP_SOCKHASH_NONE 0
+#define ITAP_SOCKHASH_ALWAYS 1  /* sk_msg capture or acceleration: for the socket's life */
+#define ITAP_SOCKHASH_VERDICT 2 /* a verdict applied at establishment */
+
 /* Ring buffer record kinds. */
 #define ITAP_REC_SAMPLE 1
 #define ITAP_REC_FLOW_START 2
@@ -50,7 +77,12 @@
 #define ITAP_STAT_BYTES_UNSEEN 12    /* bytes sent while sk_msg kept a cached verdict */
 #define ITAP_STAT_REDIRECTED 13      /* messages sent straight to the peer socket */
 #define ITAP_STAT_REDIRECT_MISSED 14 /* accelerated, but the peer was gone: sent over TCP */
-#define ITAP_STAT_COUNT 15
+#define ITAP_STAT_RETRANSMITS 15     /* skbs carrying only bytes already seen (skb capture) */
+#define ITAP_STAT_SOCKHASH_JOINED 16 /* sockets sockops put in the sockhash */
+#define ITAP_STAT_H2_FRAMES 17       /* HTTP/2 frame headers walked by the skb program */
+#define ITAP_STAT_H2_PIECES 18       /* extra sample records for HTTP/2 header blocks */
+#define ITAP_STAT_H2_WALK_LOST 19    /* HTTP/2 walks given up (too many frames, unseen bytes) */
+#define ITAP_STAT_COUNT 20
 
 /* Indexes into the TLS per-CPU stats array (bpf/tls.c). */
 #define ITAP_TLS_STAT_CALLS 0        /* SSL read/write calls that moved bytes */
@@ -80,15 +112,20 @@ struct itap_service_key {
     __u32 ip[4];
 };
 
-/* One intercepted socket. Counters are written by sk_msg, which runs under the socket lock, so
- * they need no atomics and are exact.
+/* One intercepted socket. Counters are written by sk_msg (sk_msg capture) or the cgroup_skb
+ * egress program (skb capture); both run under the socket lock, so they need no atomics and are
+ * exact. With skb capture, msgs counts skbs that carried new bytes and bytes counts new bytes.
  *
  * Stream offsets. sk_msg does not see every byte a socket sends: when a non-blocking send cannot
  * push a whole message, the kernel keeps the last verdict and the retried bytes go out without the
  * program running. So when the kernel's BTF gives us the offset of tcp_sock.write_seq, sk_msg reads
  * the socket's real sequence number and derives the true stream offset of each message from it;
  * bytes that went by unseen become an exact, counted gap (unseen_bytes) instead of a silent
- * misalignment. Without BTF, offsets count the bytes sk_msg saw. */
+ * misalignment. Without BTF, offsets count the bytes sk_msg saw.
+ *
+ * With skb capture the offset of each skb is its TCP sequence number relative to the one at
+ * establishment: seq_last/seq_pos are advanced by every skb that carries new bytes (a signed
+ * 32-bit step from the last one, so streams past 4 GiB keep counting). */
 struct itap_flow {
     __u64 cookie;       /* socket cookie: the flow id users see */
     __u64 cgroup_id;    /* cgroup v2 id of the process that first sent on the socket */
@@ -107,8 +144,16 @@ struct itap_flow {
     __u8 sampled;       /* 1 if this flow's messages are sampled */
     __u8 announced;     /* 1 once the FLOW_CGROUP record went out (on the first send) */
     __u8 seq_ok;        /* 1 if seq_last is valid (write_seq tracking on) */
-    __u8 accel;         /* 1: sends go straight to the peer socket (decided on the first send) */
-    __u8 pad2[7];
+    __u8 accel;         /* ITAP_ACCEL_*: sends go straight to the peer socket (first send decides) */
+    __u8 capture;       /* ITAP_CAPTURE_*: which program samples this flow */
+    __u8 sockhash;      /* ITAP_SOCKHASH_*: why sockops put the socket in the sockhash */
+    __u8 h2;            /* ITAP_H2_*: HTTP/2 frame walk state (skb capture) */
+    __u8 h2_head_len;   /* bytes of a frame header the previous skb ended in (0-8) */
+    __u8 pad2[3];
+    __u64 h2_next;      /* stream offset of the next HTTP/2 frame header (ITAP_H2_WALK) */
+    __u64 h2_keep;      /* stream bytes before this offset must be captured (a header block) */
+    __u32 h2_head;      /* the first (up to 4) of those bytes: length and type */
+    __u32 pad3;
 };
 
 /* Set by userspace in slot 0 of the config array. */
@@ -118,6 +163,8 @@ struct itap_config {
     __u32 port_filter;     /* 1: only flows on a watched port; 0: every TCP flow */
     __u32 verdicts_active; /* number of verdict entries; 0 lets sk_msg skip the lookups */
     __u32 accelerate;      /* 1: same-node acceleration (redirect to the peer socket) */
+    __u32 capture;         /* ITAP_CAPTURE_* for flows established from now on */
+    __u32 h2_walk;         /* 1: skb capture walks HTTP/2 frames (header blocks kept whole) */
     __u32 pad;
 };
 

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from infertap import __version__
 from infertap.agent.defaults import (
+    CAPTURE_CHOICES,
     DEFAULT_API,
     DEFAULT_METRICS,
     DEFAULT_SAMPLE_BYTES,
@@ -137,6 +138,14 @@ def run(
             "TLS traffic too. This agent then holds decrypted traffic: see the README.",
         ),
     ] = False,
+    capture: Annotated[
+        str | None,
+        typer.Option(
+            "--capture",
+            help="Where bytes are sampled: skb (cgroup_skb egress, the default) or sk_msg "
+            "(every socket in the sockhash). Overrides the policy's sampling.capture.",
+        ),
+    ] = None,
     otlp_endpoint: Annotated[
         str | None,
         typer.Option(
@@ -203,7 +212,10 @@ def run(
         tls_plaintext=tls_plaintext,
         otlp_endpoint=otlp_endpoint,
         trace_sample_ratio=trace_sample_ratio,
+        capture=capture,
     )
+    if capture is not None and capture not in CAPTURE_CHOICES:
+        raise UserError(f"--capture must be one of {', '.join(CAPTURE_CHOICES)}, got {capture!r}")
     if otlp_endpoint:
         host, sep, otlp_port = otlp_endpoint.rpartition(":")
         if not sep or not host or not otlp_port.isdigit() or not 1 <= int(otlp_port) <= 65535:

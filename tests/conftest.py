@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from support import IS_ROOT, Recorder
+from support import IS_ROOT, start_recorded_agent
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -37,23 +37,17 @@ def lab() -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def agent(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from infertap.agent.runtime import Agent, AgentOptions
+    from infertap.agent.runtime import AgentOptions
 
     # The instance registry stays the node-wide default (/run/infertap): every agent on a node
     # must see every other, or one's start-up sweep would remove another's programs.
     api_dir = tmp_path_factory.mktemp("agent-api")
-    a = Agent(
+    a = start_recorded_agent(
         AgentOptions(
             cgroups=(str(lab.pods["client"].cgroup), str(lab.pods["server"].cgroup)),
             metrics_addr="127.0.0.1:0",
             api_addr=f"unix:{api_dir}/api.sock",
         )
     )
-    a.start()
-    recorder = Recorder()
-    a.pipeline.sample_taps.append(recorder.on_sample)
-    a.pipeline.flow_end_taps.append(recorder.on_end)
-    a.pipeline.inference_taps.append(recorder.on_inference)
-    a.recorder = recorder  # type: ignore[attr-defined]  # tests read it as agent.recorder
     yield a
     a.stop()

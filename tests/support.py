@@ -61,6 +61,20 @@ class Recorder:
         return next((e for e in self.ends if e.flow.cookie == cookie), None)
 
 
+def start_recorded_agent(options: Any) -> Any:
+    """Start an Agent with a Recorder on its pipeline (as `agent.recorder`)."""
+    from infertap.agent.runtime import Agent
+
+    a = Agent(options)
+    a.start()
+    recorder = Recorder()
+    a.pipeline.sample_taps.append(recorder.on_sample)
+    a.pipeline.flow_end_taps.append(recorder.on_end)
+    a.pipeline.inference_taps.append(recorder.on_inference)
+    a.recorder = recorder  # type: ignore[attr-defined]  # tests read it as agent.recorder
+    return a
+
+
 class PeerClient:
     """Drives `infertap.agent.testbed.peer client` inside a pod, one command at a time."""
 

@@ -65,6 +65,17 @@ def test_python_constants_match_c_defines() -> None:
     ]
     assert tls_names == list(structs.TLS_STAT_NAMES)
     assert defines["ITAP_VERDICT_BLOCK"] == structs.VERDICT_BLOCK
+    assert defines["ITAP_CAPTURE_SKB"] == structs.CAPTURE_SKB
+    assert defines["ITAP_CAPTURE_SK_MSG"] == structs.CAPTURE_SK_MSG
+    assert defines["ITAP_SOCKHASH_NONE"] == structs.SOCKHASH_NONE
+    assert defines["ITAP_SOCKHASH_ALWAYS"] == structs.SOCKHASH_ALWAYS
+    assert defines["ITAP_SOCKHASH_VERDICT"] == structs.SOCKHASH_VERDICT
+    assert defines["ITAP_ACCEL_UNDECIDED"] == structs.ACCEL_UNDECIDED
+    assert defines["ITAP_ACCEL_YES"] == structs.ACCEL_YES
+    assert defines["ITAP_ACCEL_NO"] == structs.ACCEL_NO
+    assert defines["ITAP_H2_UNKNOWN"] == structs.H2_UNKNOWN
+    assert defines["ITAP_H2_WALK"] == structs.H2_WALK
+    assert defines["ITAP_H2_NO"] == structs.H2_NO
     assert defines["ITAP_STEER_MAX_BACKENDS"] == structs.STEER_MAX_BACKENDS
     steer = {k: v for k, v in defines.items() if k.startswith("ITAP_STEER_STAT_")}
     assert steer.pop("ITAP_STEER_STAT_COUNT") == len(structs.STEER_STAT_NAMES)

@@ -4,6 +4,12 @@ A verdict takes effect on the next sendmsg, on open connections too: sk_msg look
 service up on every message (bpf/intercept.c). `verdicts_active` in the config map tells sk_msg
 whether any verdict exists, so with none it skips both lookups.
 
+sk_msg runs only on sockets in the sockhash. With skb capture most sockets are not, so setting a
+verdict also puts the open sockets it targets into the sockhash (before the call returns), and
+sockops puts new ones there at establishment; lifting it takes them out again. The kernel side
+checks the verdict after writing the flow, and we list flows after writing the verdict, so a
+connection being established meanwhile is caught by one side or the other.
+
 The kernel removes a flow's verdict when the socket closes; `flow_ended` keeps our view in step.
 """
 
@@ -33,7 +39,9 @@ class VerdictMaps(Protocol):
 
     def flows(self) -> list[FlowInfo]: ...
 
-    def refresh_socket(self, flow: FlowInfo, cgroup_hint: Path | None = None) -> bool: ...
+    def enforce_on(self, flow: FlowInfo, cgroup_hint: Path | None = None) -> bool: ...
+
+    def release(self, flow: FlowInfo) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,8 @@ class VerdictStore:
             table[ct.c_uint64(flow_id)] = ct.c_uint32(structs.VERDICT_BLOCK)
             self._flows[flow_id] = v
             self._publish_count()
-            return v
+        self._enforce([f for f in self._maps.flows() if f.cookie == flow_id])
+        return v
 
     def unblock_flow(self, flow_id: int) -> Verdict | None:
         """Returns the verdict removed, or None if there was none."""
@@ -103,7 +112,8 @@ class VerdictStore:
             table[decode.service_key(service)] = ct.c_uint32(structs.VERDICT_BLOCK)
             self._services[service] = v
             self._publish_count()
-            return v
+        self._enforce([f for f in self._maps.flows() if f.service == service])
+        return v
 
     def unblock_service(self, service: Endpoint) -> Verdict | None:
         with self._lock:
@@ -117,10 +127,17 @@ class VerdictStore:
         self._release([f for f in self._maps.flows() if f.service == service])
         return v
 
-    def _release(self, flows: list[FlowInfo]) -> None:
-        """Clear the drop verdict the kernel cached on sockets that had a send dropped."""
+    def _enforce(self, flows: list[FlowInfo]) -> None:
+        """Put the open sockets a new verdict targets where sk_msg sees their next send."""
         for f in flows:
-            if f.drops and not self._still_blocked(f) and not self._maps.refresh_socket(f):
+            if not self._maps.enforce_on(f):
+                log.warning("flow %d: socket not found; the verdict cannot stop it", f.cookie)
+
+    def _release(self, flows: list[FlowInfo]) -> None:
+        """Clear the drop verdict the kernel cached on the sockets, and take those that joined
+        the sockhash for the verdict out of it."""
+        for f in flows:
+            if not self._still_blocked(f) and not self._maps.release(f):
                 log.warning("flow %d: socket not found; it stays blocked until it closes", f.cookie)
 
     def _still_blocked(self, flow: FlowInfo) -> bool:

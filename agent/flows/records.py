@@ -70,6 +70,11 @@ class FlowInfo:
     unseen_bytes: int = 0  # sent while the kernel skipped sk_msg (see bpf/infertap.h)
     stream_bytes: int = 0  # stream length so far: where the next message starts
     accelerated: bool = False  # sends go straight to the peer socket (same-node acceleration)
+    capture: str = "sk_msg"  # which kernel program samples it: "skb" or "sk_msg"
+    # In the sockhash for its whole life (sk_msg capture or acceleration); otherwise it joins
+    # only while a verdict applies to it.
+    sockhash_always: bool = True
+    http2_frames: bool = False  # the kernel walks its HTTP/2 frames (header blocks kept whole)
 
     @property
     def service(self) -> Endpoint:
@@ -89,7 +94,7 @@ class FlowInfo:
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """The first bytes of one sendmsg on a sampled flow.
+    """The first bytes of one sendmsg (sk_msg capture) or one skb (skb capture) on a sampled flow.
 
     `data` holds stream bytes [offset, offset + len(data)); the message itself covered
     [offset, offset + msg_len). When `truncated`, the rest of the message was not captured.
@@ -98,7 +103,8 @@ class Sample:
     of bytes not captured (lost samples, or bytes the kernel sent without running sk_msg). A
     sample may also start *before* the previous one's end: a non-blocking send that pushed only
     part of a message is retried by the application, and the retried tail is seen again. The
-    overlapping bytes are the same bytes; consumers skip them.
+    overlapping bytes are the same bytes; consumers skip them. With skb capture, TCP
+    retransmits that carry some new bytes overlap the same way.
     """
 
     cookie: int

@@ -18,6 +18,7 @@ from functools import cache
 
 
 class AttachType(enum.IntEnum):
+    CGROUP_INET_EGRESS = 1
     CGROUP_SOCK_OPS = 3
     SK_MSG_VERDICT = 7
     CGROUP_INET4_CONNECT = 10
@@ -51,6 +52,7 @@ def _lib() -> ct.CDLL:
     lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
     lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
     lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
+    lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
     return lib
 
 
@@ -133,3 +135,20 @@ def sockhash_insert(map_fd: int, key: ct.Structure, sock_fd: int) -> None:
     """Put a socket (by our descriptor for it) into a sockhash under `key`."""
     value = ct.c_uint32(sock_fd)
     _check(_lib().bpf_map_update_elem(map_fd, ct.byref(key), ct.byref(value), 0), "sockhash insert")
+
+
+def map_keys(map_fd: int, key_type: type[ct.Structure]) -> list[bytes]:
+    """Every key of a map, as raw bytes (works for sockhashes, whose values cannot be read)."""
+    keys: list[bytes] = []
+    prev: ct.Structure | None = None
+    while True:
+        nxt = key_type()
+        ret = _lib().bpf_map_get_next_key(
+            map_fd, None if prev is None else ct.byref(prev), ct.byref(nxt)
+        )
+        if ret < 0:
+            if ct.get_errno() == 2:  # ENOENT: no more keys
+                return keys
+            _check(ret, "map get next key")
+        keys.append(bytes(nxt))
+        prev = nxt

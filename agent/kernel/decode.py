@@ -23,8 +23,9 @@ from infertap.agent.kernel import structs
 # struct itap_record
 RECORD = struct.Struct("<IIQQQIBBH")
 # struct itap_flow: 11 u64s, the key (u16 family, pad, lport, rport, 2 x 16 address bytes),
-# u32 seq_last, then role, sampled, announced, seq_ok, accel and 7 pad bytes.
-FLOW = struct.Struct("<11Q4H16s16sIBBBBB7x")
+# u32 seq_last, then role, sampled, announced, seq_ok, accel, capture, sockhash, h2, h2_head_len,
+# 3 pad bytes, then h2_next, h2_keep, u32 h2_head and 4 pad bytes.
+FLOW = struct.Struct("<11Q4H16s16sIBBBBBBBBB3xQQI4x")
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
@@ -74,6 +75,13 @@ def decode_flow(buf: bytes | memoryview, offset: int = 0) -> FlowInfo:
         _announced,
         _seq_ok,
         accel,
+        capture,
+        sockhash,
+        h2,
+        _h2_head_len,
+        _h2_next,
+        _h2_keep,
+        _h2_head,
     ) = FLOW.unpack_from(buf, offset)
     return FlowInfo(
         cookie=cookie,
@@ -90,7 +98,10 @@ def decode_flow(buf: bytes | memoryview, offset: int = 0) -> FlowInfo:
         samples_lost=samples_lost,
         unseen_bytes=unseen_bytes,
         stream_bytes=next_offset,
-        accelerated=bool(accel),
+        accelerated=accel == structs.ACCEL_YES,
+        capture="skb" if capture == structs.CAPTURE_SKB else "sk_msg",
+        sockhash_always=sockhash == structs.SOCKHASH_ALWAYS,
+        http2_frames=h2 == structs.H2_WALK,
     )
 
 

@@ -1,9 +1,14 @@
 """The interception sensor: BPF programs and maps loaded, attached and removed as one unit.
 
     with Sensor(options) as sensor:      # compiles bpf/intercept.c, loads, sweeps stale programs
-        sensor.attach(cgroup_path)       # sockops on a pod cgroup (or the cgroup2 root: node mode)
-        ...                              # sk_msg is attached to the sockhash at start
+        sensor.attach(cgroup_path)       # sockops (and, with skb capture, cgroup_skb/egress) on a
+        ...                              # pod cgroup (or the cgroup2 root: node mode); sk_msg is
+                                         # attached to the sockhash at start
                                          # leaving the block detaches everything
+
+Capture (options.capture, fixed for the sensor's life): "skb" samples at cgroup_skb/egress and
+keeps sockets out of the sockhash unless a verdict or acceleration needs sk_msg on them
+(`enforce_on` / `release`); "sk_msg" puts every socket in the sockhash and samples there.
 
 Nothing is pinned, so a clean exit leaves nothing behind. A killed agent leaves its sockops
 programs attached (they keep adding sockets to a sockhash whose sk_msg program the kernel has
@@ -21,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infertap.agent.defaults import DEFAULT_RUN_DIR, DEFAULT_SAMPLE_BYTES
+from infertap.agent.defaults import DEFAULT_CAPTURE, DEFAULT_RUN_DIR, DEFAULT_SAMPLE_BYTES
 from infertap.agent.flows.records import FlowInfo
 from infertap.agent.kernel import bpfsys, btf, cgroups, decode, structs
 from infertap.agent.kernel.attach import CgroupAttachments
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 PROGRAM_PREFIX = "itap_"  # every infertap program's name starts with this (stale sweep key)
 SWEPT_ATTACH_TYPES = (
     bpfsys.AttachType.CGROUP_SOCK_OPS,
+    bpfsys.AttachType.CGROUP_INET_EGRESS,
     bpfsys.AttachType.CGROUP_INET4_CONNECT,
     bpfsys.AttachType.CGROUP_INET6_CONNECT,
     bpfsys.AttachType.CGROUP_GETSOCKOPT,
@@ -52,6 +58,8 @@ class SensorOptions:
     max_flows: int = 65536
     run_dir: Path = DEFAULT_RUN_DIR
     accelerate: bool = False  # same-node acceleration: redirect to intercepted peer sockets
+    capture: str = DEFAULT_CAPTURE  # "skb" (cgroup_skb/egress) or "sk_msg": where bytes are sampled
+    http2_frames: bool = True  # skb capture keeps HTTP/2 header blocks whole (frame walk)
     extra_cflags: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -71,6 +79,7 @@ class Sensor:
         self._bpf: Any = None
         self._sockops: Any = None
         self._msg: Any = None
+        self._skb: Any = None
         self._sockhash_fd = -1
         self._cgroups = CgroupAttachments(self.mount, "sockops")
         self._tables: dict[tuple[str, Any, Any], Any] = {}
@@ -92,6 +101,11 @@ class Sensor:
             val = getattr(self.options, opt)
             if not lo <= val <= hi:
                 raise SensorError(f"{opt} must be between {lo} and {hi}, got {val}")
+        if self.options.capture not in structs.CAPTURE_MODES:
+            raise SensorError(
+                f"capture must be one of {', '.join(structs.CAPTURE_MODES)}, "
+                f"got {self.options.capture!r}"
+            )
         for port in self.options.ports:
             if not 1 <= port <= 65535:
                 raise SensorError(f"port {port} is out of range (1-65535)")
@@ -103,7 +117,11 @@ class Sensor:
         log.info("compiling BPF programs against kernel headers: %s", self.headers.origin)
         self._compile()
         try:
-            self._prog_ids = [self._prog_id(self._sockops), self._prog_id(self._msg)]
+            self._prog_ids = [
+                self._prog_id(self._sockops),
+                self._prog_id(self._msg),
+                self._prog_id(self._skb),
+            ]
             self._registry.register(self._prog_ids)
             self.swept = self.sweep_stale()
             self._configure()
@@ -131,6 +149,7 @@ class Sensor:
             self._bpf = BPF(src_file=str(structs.BPF_DIR / "intercept.c").encode(), cflags=cflags)
             self._sockops = self._bpf.load_func(b"itap_sockops", BPF.SOCK_OPS)
             self._msg = self._bpf.load_func(b"itap_msg", BPF.SK_MSG)
+            self._skb = self._bpf.load_func(b"itap_skb_egress", BPF.CGROUP_SKB)
         except Exception as exc:
             raise SensorError(f"could not compile or load the BPF programs: {exc}") from exc
         self.compile_seconds = time.monotonic() - t0
@@ -150,6 +169,11 @@ class Sensor:
         self.set_ports(self.options.ports)
         self.set_sampling(self.options.sample_bytes, self.options.sample_one_in)
         self.set_accelerate(self.options.accelerate)
+        with self._lock:
+            self._update_config(
+                capture=structs.CAPTURE_MODES[self.options.capture],
+                h2_walk=1 if self.options.http2_frames else 0,
+            )
 
     def close(self) -> None:
         """Detach everything this sensor attached and release the maps. Safe to call twice."""
@@ -180,8 +204,15 @@ class Sensor:
 
     # ---- attach / detach -------------------------------------------------------------------
 
+    @property
+    def capture(self) -> str:
+        return self.options.capture
+
     def _programs(self) -> list[tuple[Any, bpfsys.AttachType]]:
-        return [(self._sockops, bpfsys.AttachType.CGROUP_SOCK_OPS)]
+        programs = [(self._sockops, bpfsys.AttachType.CGROUP_SOCK_OPS)]
+        if self.options.capture == "skb":
+            programs.append((self._skb, bpfsys.AttachType.CGROUP_INET_EGRESS))
+        return programs
 
     def attach(self, cgroup: str | Path) -> Path:
         return self._cgroups.attach(cgroup, self._programs())
@@ -296,16 +327,19 @@ class Sensor:
         with self._lock:
             self._update_config(verdicts_active=count)
 
+    def _socket_fd(self, flow: FlowInfo, cgroup_hint: Path | None) -> int | None:
+        from infertap.agent.kernel import sockets
+
+        hints = [cgroup_hint] if cgroup_hint is not None else self._cgroups.paths
+        return sockets.find_socket(flow.cookie, hints)
+
     def refresh_socket(self, flow: FlowInfo, cgroup_hint: Path | None = None) -> bool:
         """Give a flow's socket a fresh psock, clearing a verdict the kernel cached on it.
 
         See agent/kernel/sockets.py for why. Returns False when the socket cannot be found (it
         closed, or its process is gone); the flow then stays as the kernel left it.
         """
-        from infertap.agent.kernel import sockets
-
-        hints = [cgroup_hint] if cgroup_hint is not None else self._cgroups.paths
-        fd = sockets.find_socket(flow.cookie, hints)
+        fd = self._socket_fd(flow, cgroup_hint)
         if fd is None:
             return False
         try:
@@ -319,6 +353,44 @@ class Sensor:
             return True
         finally:
             os.close(fd)
+
+    def enforce_on(self, flow: FlowInfo, cgroup_hint: Path | None = None) -> bool:
+        """Make sure sk_msg runs on a flow's sends, so a verdict on it takes effect on its next
+        send. A socket outside the sockhash (skb capture) joins it through a descriptor of ours.
+        Returns False when the socket cannot be found (it closed, or its process is gone)."""
+        if flow.sockhash_always:
+            return True
+        fd = self._socket_fd(flow, cgroup_hint)
+        if fd is None:
+            return False
+        try:
+            with self._lock:
+                # BPF_ANY: already in (sockops put it there, or an earlier verdict) is fine.
+                bpfsys.sockhash_insert(self._table_fd("itap_socks"), decode.flow_key(flow), fd)
+            return True
+        except bpfsys.BpfError as exc:
+            log.warning("flow %d: cannot put its socket in the sockhash: %s", flow.cookie, exc)
+            return False
+        finally:
+            os.close(fd)
+
+    def release(self, flow: FlowInfo) -> bool:
+        """No verdict applies to the flow any more: clear a drop the kernel cached on its socket.
+        A socket that joined the sockhash only for a verdict leaves it (and runs at native
+        speed again); one that lives there gets a fresh psock. Returns False when a socket
+        that needed a descriptor could not be found."""
+        if flow.sockhash_always:
+            return not flow.drops or self.refresh_socket(flow)
+        with self._lock:
+            # Leaving takes the psock, and any verdict cached on it, with it.
+            bpfsys.map_delete(self._table_fd("itap_socks"), decode.flow_key(flow))
+        return True
+
+    def in_sockhash(self, flow: FlowInfo) -> bool:
+        """Whether the flow's socket is in the sockhash now (sk_msg runs on its sends)."""
+        key = bytes(decode.flow_key(flow))
+        with self._lock:
+            return key in bpfsys.map_keys(self._table_fd("itap_socks"), structs.FlowKey)
 
     def flows(self) -> list[FlowInfo]:
         table = self.table("itap_flows", structs.FlowKey, structs.Flow)

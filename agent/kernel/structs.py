@@ -19,6 +19,22 @@ SAMPLE_MAX = 16384
 ROLE_CLIENT = 1
 ROLE_SERVER = 2
 
+CAPTURE_SKB = 1
+CAPTURE_SK_MSG = 2
+CAPTURE_MODES = {"skb": CAPTURE_SKB, "sk_msg": CAPTURE_SK_MSG}  # defaults.CAPTURE_CHOICES
+
+SOCKHASH_NONE = 0
+SOCKHASH_ALWAYS = 1
+SOCKHASH_VERDICT = 2
+
+H2_UNKNOWN = 0
+H2_WALK = 1
+H2_NO = 2
+
+ACCEL_UNDECIDED = 0
+ACCEL_YES = 1
+ACCEL_NO = 2
+
 REC_SAMPLE = 1
 REC_FLOW_START = 2
 REC_FLOW_END = 3
@@ -48,6 +64,11 @@ STAT_NAMES = (
     "bytes_unseen",
     "redirected",
     "redirect_missed",
+    "retransmits",
+    "sockhash_joined",
+    "h2_frames",
+    "h2_pieces",
+    "h2_walk_lost",
 )
 
 # Index -> name of the TLS per-CPU stats array (ITAP_TLS_STAT_* in the header, in order).
@@ -93,7 +114,15 @@ class Flow(ct.Structure):
         ("announced", ct.c_uint8),
         ("seq_ok", ct.c_uint8),
         ("accel", ct.c_uint8),
-        ("pad2", ct.c_uint8 * 7),
+        ("capture", ct.c_uint8),
+        ("sockhash", ct.c_uint8),
+        ("h2", ct.c_uint8),
+        ("h2_head_len", ct.c_uint8),
+        ("pad2", ct.c_uint8 * 3),
+        ("h2_next", ct.c_uint64),
+        ("h2_keep", ct.c_uint64),
+        ("h2_head", ct.c_uint32),
+        ("pad3", ct.c_uint32),
     )
 
 
@@ -104,6 +133,8 @@ class Config(ct.Structure):
         ("port_filter", ct.c_uint32),
         ("verdicts_active", ct.c_uint32),
         ("accelerate", ct.c_uint32),
+        ("capture", ct.c_uint32),
+        ("h2_walk", ct.c_uint32),
         ("pad", ct.c_uint32),
     )
 

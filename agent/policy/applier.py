@@ -48,6 +48,11 @@ class SensorPort(Protocol):
 
     def set_accelerate(self, on: bool) -> None: ...
 
+    @property
+    def capture(self) -> str:
+        """Where bytes are sampled ("skb" or "sk_msg"): fixed when the sensor starts."""
+        ...
+
 
 class RoutesPort(Protocol):
     """The steering unit (agent/kernel/steering.py), when loaded."""
@@ -100,6 +105,7 @@ class PolicyApplier:
         publish: Callable[[AgentEvent], None],
         ports_from_policy: bool,
         accelerate: bool,
+        capture_from_policy: bool = True,
         sampling: Callable[[SamplingSpec], tuple[int, int]] = lambda s: (
             s.sample_bytes,
             s.sample_one_in,
@@ -112,6 +118,8 @@ class PolicyApplier:
         """`ports_from_policy`: watch the policy's service ports (false when ports were given on
         the command line, which win, or without a policy file: then every TCP flow is watched,
         as `run` documents). `accelerate`: on from the command line whatever the policy says.
+        `capture_from_policy`: the sensor's capture came from the policy (no `--capture`), so
+        a reload asking for another one is worth a warning: it takes a restart.
         `sampling`: (sample_bytes, sample_one_in) to put in force for the policy's sampling
         section (flags given on the command line win).
         `listeners` are told each policy put in force, after everything else took it."""
@@ -122,6 +130,7 @@ class PolicyApplier:
         self._publish_event = publish
         self._ports_from_policy = ports_from_policy
         self._accelerate = accelerate
+        self._capture_from_policy = capture_from_policy
         self._sampling = sampling
         self._steering = steering
         self._polyfill = polyfill
@@ -141,6 +150,13 @@ class PolicyApplier:
                 sensor.set_ports(sorted({s.port for s in policy.services}))
             sensor.set_sampling(*self._sampling(policy.sampling))
             sensor.set_accelerate(self._accelerate or policy.acceleration.enabled)
+            if self._capture_from_policy and policy.sampling.capture != sensor.capture:
+                log.warning(
+                    "policy %s asks for %s capture; the agent keeps %s capture until restarted",
+                    policy.hash,
+                    policy.sampling.capture,
+                    sensor.capture,
+                )
             self._apply_polyfill(policy)  # rules whose client is not found yet are skipped
         for listener in self._listeners:
             listener(policy)

@@ -21,6 +21,7 @@ from typing import Final, Literal, TypeVar, cast, get_args
 
 import yaml
 
+from infertap.agent.defaults import CAPTURE_CHOICES
 from infertap.agent.discovery.pod_watch import LabelSelector, Requirement
 from infertap.agent.export.tracing_spec import TracingSpec
 from infertap.agent.flows.records import Endpoint
@@ -426,7 +427,7 @@ def _otlp_endpoint(r: _Reader, node: YNode, path: str) -> str | None:
 
 
 def _sampling(r: _Reader, node: YNode, path: str) -> SamplingSpec:
-    m = r.mapping(node, path, ("sample_bytes", "sample_one_in"))
+    m = r.mapping(node, path, ("sample_bytes", "sample_one_in", "capture"))
     d = SamplingSpec()
     return SamplingSpec(
         _field(
@@ -435,6 +436,7 @@ def _sampling(r: _Reader, node: YNode, path: str) -> SamplingSpec:
         _field(
             r, m, path, "sample_one_in", lambda n, p: r.integer(n, p, 0, 1 << 30), d.sample_one_in
         ),
+        _field(r, m, path, "capture", lambda n, p: r.choice(n, p, CAPTURE_CHOICES), d.capture),
     )
 
 

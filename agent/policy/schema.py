@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, get_args
 
-from infertap.agent.defaults import DEFAULT_SAMPLE_BYTES
+from infertap.agent.defaults import DEFAULT_CAPTURE, DEFAULT_SAMPLE_BYTES
 from infertap.agent.discovery.pod_watch import LabelSelector
 from infertap.agent.export.tracing_spec import TracingSpec
 from infertap.agent.flows.records import Endpoint
@@ -91,6 +91,9 @@ class ModelSpec:
 class SamplingSpec:
     sample_bytes: int = DEFAULT_SAMPLE_BYTES
     sample_one_in: int = 1  # sample one flow in N; 0 samples none
+    # Where bytes are sampled: "skb" (cgroup_skb/egress; sockets join the sockhash only for a
+    # verdict or acceleration) or "sk_msg" (every socket in the sockhash). Fixed at agent start.
+    capture: str = DEFAULT_CAPTURE
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +294,12 @@ def to_document(policy: Policy) -> dict[str, Any]:
         "sampling": {
             "sample_bytes": policy.sampling.sample_bytes,
             "sample_one_in": policy.sampling.sample_one_in,
+            # Only when not the default, so policies written before it keep their hash.
+            **(
+                {"capture": policy.sampling.capture}
+                if policy.sampling.capture != DEFAULT_CAPTURE
+                else {}
+            ),
         },
         "pii": {
             "enabled": policy.pii.enabled,

@@ -1,18 +1,54 @@
 """Interception against the real kernel: real programs, real pods (cgroup + netns + veth), real
-TCP. These share one agent (see tests/conftest.py); each test uses its own server port."""
+TCP. Each test runs on both capture paths: skb (the default; the shared agent of
+tests/conftest.py) and sk_msg (a second agent on its own pair of pods). Each test uses its own
+server port."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from support import needs_root, start_client, start_server
+from support import needs_root, start_client, start_recorded_agent, start_server
 
-from infertap.agent.flows.records import FlowInfo, Role, Sample
+from infertap.agent.flows.records import Endpoint, FlowInfo, Role, Sample
 from infertap.agent.kernel import structs
 from infertap.agent.testbed.peer import payload
 
 pytestmark = [needs_root, pytest.mark.kernel]
+
+
+@dataclass
+class Tap:
+    agent: Any
+    client: Any
+    server: Any
+    capture: str
+
+
+@pytest.fixture(scope="module")
+def sk_msg_agent(lab: Any) -> Iterator[Tap]:
+    from infertap.agent.runtime import AgentOptions
+
+    client, server = lab.add_pod("skmsg-c"), lab.add_pod("skmsg-s")
+    a = start_recorded_agent(
+        AgentOptions(
+            cgroups=(str(client.cgroup), str(server.cgroup)),
+            metrics_addr=None,
+            api_addr=None,
+            capture="sk_msg",
+        )
+    )
+    yield Tap(a, client, server, "sk_msg")
+    a.stop()
+
+
+@pytest.fixture(params=["skb", "sk_msg"])
+def tap(request: pytest.FixtureRequest, lab: Any) -> Tap:
+    if request.param == "skb":
+        return Tap(request.getfixturevalue("agent"), lab.pods["client"], lab.pods["server"], "skb")
+    return request.getfixturevalue("sk_msg_agent")  # type: ignore[no-any-return]
 
 
 def client_flow(agent: Any, server_ip: str, port: int) -> FlowInfo:
@@ -33,8 +69,8 @@ def stream_from_samples(samples: list[Sample]) -> dict[int, bytes]:
     return {s.offset: s.data for s in samples}
 
 
-def test_sampled_bytes_equal_the_bytes_sent(agent: Any, lab: Any) -> None:
-    client, server = lab.pods["client"], lab.pods["server"]
+def test_sampled_bytes_equal_the_bytes_sent(tap: Tap) -> None:
+    agent, client, server = tap.agent, tap.client, tap.server
     start_server(server, 8101)
     peer = start_client(client, server.ip, 8101)
     sizes = [(100, 1), (5000, 2), (1 << 20, 3), (17, 4)]
@@ -43,6 +79,7 @@ def test_sampled_bytes_equal_the_bytes_sent(agent: Any, lab: Any) -> None:
         assert peer.cmd(f"send {n} {seed}") == f"ok {n}"
         sent += payload(n, seed)
     flow = client_flow(agent, server.ip, 8101)
+    assert flow.capture == tap.capture
     rec = agent.recorder
     rec.wait_for(lambda: sum(s.msg_len for s in rec.samples_of(flow.cookie)) >= len(sent))
     samples = rec.samples_of(flow.cookie)
@@ -53,40 +90,58 @@ def test_sampled_bytes_equal_the_bytes_sent(agent: Any, lab: Any) -> None:
         assert s.truncated == (len(s.data) < s.msg_len)
         assert len(s.data) == min(s.msg_len, 4096)
         assert s.role is Role.CLIENT
-    # The messages tile the stream with no gap: the true lengths add up to what was sent.
+    # The messages (skbs) tile the stream with no gap: the true lengths add up to what was
+    # sent. skbs may overlap where TCP retransmitted a few new bytes with old ones.
     offsets = sorted((s.offset, s.msg_len) for s in samples)
     pos = 0
     for off, length in offsets:
-        assert off == pos
-        pos += length
+        assert off == pos if tap.capture == "sk_msg" else off <= pos
+        pos = max(pos, off + length)
     assert pos == len(sent)
-    # The 1 MiB send: the first sample starting at its offset carries its first 4 KiB, truncated.
-    big = next(s for s in samples if s.offset == 5100)
-    assert big.truncated and big.data == payload(1 << 20, 3)[:4096]
+    big_send = payload(1 << 20, 3)
+    if tap.capture == "sk_msg":
+        # The 1 MiB send: the sample starting at its offset carries its first 4 KiB, truncated.
+        big = next(s for s in samples if s.offset == 5100)
+        assert big.truncated and big.data == big_send[:4096]
+    else:
+        # The 1 MiB send went out as many skbs (at most 64 KiB each), each sampled at its
+        # true offset and cut to 4 KiB.
+        inside = [s for s in samples if 5100 <= s.offset < 5100 + len(big_send)]
+        assert len(inside) >= 16 and all(s.truncated for s in inside if s.msg_len > 4096)
     peer.close()
 
 
-def test_kernel_counters_match_what_was_sent(agent: Any, lab: Any) -> None:
-    client, server = lab.pods["client"], lab.pods["server"]
+def test_kernel_counters_match_what_was_sent(tap: Tap) -> None:
+    agent, client, server = tap.agent, tap.client, tap.server
     start_server(server, 8102)
     peer = start_client(client, server.ip, 8102)
     for i in range(10):
         assert peer.cmd(f"send 1000 {i}") == "ok 1000"
     flow = client_flow(agent, server.ip, 8102)
-    agent.recorder.wait_for(lambda: len(agent.recorder.samples_of(flow.cookie)) >= 10)
+    agent.recorder.wait_for(
+        lambda: sum(s.msg_len for s in agent.recorder.samples_of(flow.cookie)) >= 10000
+    )
     now = next(f for f in agent.flows() if f.cookie == flow.cookie)
-    assert (now.messages, now.bytes, now.drops, now.stream_bytes) == (10, 10000, 0, 10000)
+    # sk_msg counts sends; skb capture counts skbs (TCP may pack two sends into one).
+    messages = (10, 10) if tap.capture == "sk_msg" else (1, 10)
+    assert messages[0] <= now.messages <= messages[1]
+    assert (now.bytes, now.drops, now.stream_bytes) == (10000, 0, 10000)
     assert now.cgroup_id == client.cgroup_id  # the pod's cgroup, not the softirq's
     peer.close()
     end = agent.recorder.wait_for(lambda: agent.recorder.end_of(flow.cookie))
-    assert (end.flow.messages, end.flow.bytes, end.flow.stream_bytes) == (10, 10000, 10000)
+    assert (end.flow.messages, end.flow.bytes, end.flow.stream_bytes) == (
+        now.messages,
+        10000,
+        10000,
+    )
     assert not any(f.cookie == flow.cookie for f in agent.flows())  # removed on close
 
 
-def test_nonblocking_sender_bytes_the_kernel_skips_are_an_exact_gap(agent: Any, lab: Any) -> None:
+def test_nonblocking_sender_bytes_the_kernel_skips_are_an_exact_gap(tap: Tap) -> None:
     """A non-blocking send that cannot push a whole message makes the kernel keep its verdict
-    and send the retried bytes without running sk_msg; offsets must stay true anyway."""
-    client, server = lab.pods["client"], lab.pods["server"]
+    and send the retried bytes without running sk_msg; offsets must stay true anyway. skb
+    capture sees every byte that leaves, so there it has no gap at all."""
+    agent, client, server = tap.agent, tap.client, tap.server
     start_server(server, 8103)
     peer = start_client(client, server.ip, 8103, nonblocking=True)
     sent = b""
@@ -102,12 +157,12 @@ def test_nonblocking_sender_bytes_the_kernel_skips_are_an_exact_gap(agent: Any, 
     assert end.flow.bytes + end.flow.unseen_bytes >= len(sent)
     for s in samples:
         assert s.data == sent[s.offset : s.offset + len(s.data)]
+    if tap.capture == "skb":
+        assert (end.flow.bytes, end.flow.unseen_bytes) == (len(sent), 0)
 
 
-def test_block_gives_eacces_and_unblock_reopens_the_same_connection(agent: Any, lab: Any) -> None:
-    from infertap.agent.flows.records import Endpoint
-
-    client, server = lab.pods["client"], lab.pods["server"]
+def test_block_gives_eacces_and_unblock_reopens_the_same_connection(tap: Tap) -> None:
+    agent, client, server = tap.agent, tap.client, tap.server
     start_server(server, 8104, echo=True)
     peer = start_client(client, server.ip, 8104)
     assert peer.cmd("send 500 1") == "ok 500"
@@ -130,8 +185,8 @@ def test_block_gives_eacces_and_unblock_reopens_the_same_connection(agent: Any, 
     peer.close()
 
 
-def test_block_one_flow_leaves_other_flows_to_the_same_service_alone(agent: Any, lab: Any) -> None:
-    client, server = lab.pods["client"], lab.pods["server"]
+def test_block_one_flow_leaves_other_flows_to_the_same_service_alone(tap: Tap) -> None:
+    agent, client, server = tap.agent, tap.client, tap.server
     start_server(server, 8105)
     a = start_client(client, server.ip, 8105)
     b = start_client(client, server.ip, 8105)
@@ -158,8 +213,8 @@ def test_block_one_flow_leaves_other_flows_to_the_same_service_alone(agent: Any,
     b.close()
 
 
-def test_ipv4_ports_and_addresses_decode_as_the_sockets_see_them(agent: Any, lab: Any) -> None:
-    client, server = lab.pods["client"], lab.pods["server"]
+def test_ipv4_ports_and_addresses_decode_as_the_sockets_see_them(tap: Tap) -> None:
+    agent, client, server = tap.agent, tap.client, tap.server
     start_server(server, 8106)
     peer = start_client(client, server.ip, 8106)
     assert peer.cmd("send 1 1") == "ok 1"
@@ -175,8 +230,8 @@ def test_ipv4_ports_and_addresses_decode_as_the_sockets_see_them(agent: Any, lab
     peer.close()
 
 
-def test_sample_size_classes_cover_the_configured_limit(agent: Any, lab: Any) -> None:
-    client, server = lab.pods["client"], lab.pods["server"]
+def test_sample_size_classes_cover_the_configured_limit(tap: Tap) -> None:
+    agent, client, server = tap.agent, tap.client, tap.server
     agent.sensor.set_sampling(structs.SAMPLE_MAX, 1)
     try:
         start_server(server, 8107)
@@ -197,3 +252,60 @@ def test_sample_size_classes_cover_the_configured_limit(agent: Any, lab: Any) ->
         peer.close()
     finally:
         agent.sensor.set_sampling(4096, 1)
+
+
+def test_a_service_verdict_reaches_open_connections_before_the_block_call_returns(
+    tap: Tap,
+) -> None:
+    """skb capture keeps sockets out of the sockhash (native speed) until a verdict needs
+    sk_msg on them: then they join it, so the very next send fails with EACCES; a connection
+    opened under the verdict joins at establishment; unblocking takes them all out again, on
+    the same connections. sk_msg capture keeps every socket in the sockhash throughout."""
+    agent, client, server = tap.agent, tap.client, tap.server
+    skb = tap.capture == "skb"
+    port = 8108
+    start_server(server, port, echo=True)
+    peers = [start_client(client, server.ip, port) for _ in range(3)]
+    for p in peers:
+        assert p.cmd("send 100 1") == "ok 100" and p.cmd("recv 100") == "ok 100"
+
+    def flows_of_service(n: int) -> list[FlowInfo]:
+        return agent.recorder.wait_for(  # type: ignore[no-any-return]
+            lambda: (
+                fs if len(fs := [f for f in agent.flows() if f.service.port == port]) == n else None
+            )
+        )
+
+    flows = flows_of_service(6)  # three connections, both ends
+    assert all(f.capture == tap.capture and f.sockhash_always != skb for f in flows)
+    assert all(agent.sensor.in_sockhash(f) != skb for f in flows)
+
+    svc = Endpoint(server.ip, port)
+    assert agent.verdicts.block_service(svc, "test") is not None
+    # No waiting: block_service returned after the open sockets joined the sockhash.
+    for p in peers:
+        assert p.cmd("send 100 2") == "err EACCES"
+    assert all(agent.sensor.in_sockhash(f) for f in flows)
+    late = start_client(client, server.ip, port)
+    assert late.cmd("send 100 3") == "err EACCES"  # refused on its first send
+
+    assert agent.verdicts.unblock_service(svc) is not None
+    for p in [*peers, late]:
+        assert p.cmd("send 100 4") == "ok 100" and p.cmd("recv 100") == "ok 100"
+    flows = flows_of_service(8)
+    assert all(agent.sensor.in_sockhash(f) != skb for f in flows)
+    # Sampling carried on across the block: the bytes sent after it, at their true offset
+    # (100 after the first send on the old connections, 0 on the late one).
+    rec = agent.recorder
+    for f in flows:
+        if f.role is not Role.CLIENT:
+            continue
+        at = 0 if f.stream_bytes == 100 else 100
+        got = rec.wait_for(
+            lambda f=f, at=at: next(
+                (s for s in rec.samples_of(f.cookie) if s.offset == at and s.msg_len == 100), None
+            )
+        )
+        assert got.data == payload(100, 4)
+    for p in [*peers, late]:
+        p.close()

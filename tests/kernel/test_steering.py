@@ -315,7 +315,13 @@ def test_agent_routes_from_its_policy_and_follows_reloads(
         agent.start()
         assert agent.steering is not None
         names = sorted(p["name"] for p in attached(setup.client.cgroup))
-        assert names == ["itap_connect4", "itap_connect6", "itap_getsockopt", "itap_sockops"]
+        assert names == [
+            "itap_connect4",
+            "itap_connect6",
+            "itap_getsockopt",
+            "itap_skb_egress",  # the default (skb) capture
+            "itap_sockops",
+        ]
         first = run_client(setup.client, setup.vip, VIP_PORT, 500)["counts"]
         assert within(first.get("2", 0), 500, 1 / 101), first
 
