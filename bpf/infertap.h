@@ -30,7 +30,7 @@
 
 /* itap_flow.h2: skb capture walks the HTTP/2 frames of a flow so that every frame header and
  * every non-DATA frame (HEADERS, CONTINUATION, SETTINGS, ...) is captured whole whatever the
- * sample size; only DATA payloads are cut. Detected from the first bytes of the stream: the
+ * sample size; only DATA payloads are cut (after their first ITAP_H2_DATA_HEAD bytes). Detected from the first bytes of the stream: the
  * client preface, or a server's opening SETTINGS frame. */
 #define ITAP_H2_UNKNOWN 0 /* the stream's first bytes not seen yet */
 #define ITAP_H2_WALK 1    /* HTTP/2: frames are walked */
@@ -38,6 +38,9 @@
 /* Frame headers walked per skb, and sample pieces one skb may produce beyond its first. */
 #define ITAP_H2_MAX_FRAMES 128
 #define ITAP_H2_MAX_PIECES 16
+/* Payload bytes kept at the start of every DATA frame beyond the sample: where a gRPC message's
+ * first fields are (ModelInfer's model name and version). */
+#define ITAP_H2_DATA_HEAD 64
 
 /* Why a socket is in the sockhash (itap_flow.sockhash). With skb capture a socket joins it only
  * when it needs sk_msg: a verdict (set at establishment by sockops, or later by userspace through

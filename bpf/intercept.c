@@ -626,7 +626,8 @@ static __always_inline void count_sample(struct itap_flow *flow, int err)
  * sample_bytes would lose header blocks and leave the connection dark. On an HTTP/2 flow each skb
  * is therefore sampled as a few pieces, in stream order: its first sample_bytes (or more, when a
  * header block runs on from the previous skb), then every frame header and every non-DATA frame
- * beyond them. Only DATA payloads are cut, and each piece's span reaches to the next piece, so
+ * beyond them, and the first ITAP_H2_DATA_HEAD bytes of every DATA payload (a gRPC message's
+ * first fields: the model name). Only DATA payloads are cut, and each piece's span reaches to the next piece, so
  * userspace sees the cut bytes as a truncation of exact length inside a DATA payload whose
  * header it has. */
 
@@ -725,7 +726,9 @@ static __always_inline void sample_h2(struct __sk_buff *skb, struct itap_flow *f
         }
         u32 flen = ((head & 0xff) << 16) | (head & 0xff00) | ((head >> 16) & 0xff);
         u32 ftype = head >> 24;
-        u64 need = pos + 9 + (ftype == ITAP_H2_DATA ? 0 : flen);
+        u64 need = pos + 9 + flen;
+        if (ftype == ITAP_H2_DATA && flen > ITAP_H2_DATA_HEAD)
+            need = pos + 9 + ITAP_H2_DATA_HEAD;
         if (need > start && need - start > cap0)
             cap0 = need - start > len ? len : need - start;
         if (need > end)
@@ -753,7 +756,9 @@ static __always_inline void sample_h2(struct __sk_buff *skb, struct itap_flow *f
             goto lost;
         u32 flen = ((u32)h[0] << 16) | ((u32)h[1] << 8) | h[2];
         u64 fend = pos + 9 + flen;
-        u64 need = h[3] == ITAP_H2_DATA ? pos + 9 : fend;
+        u64 need = fend;
+        if (h[3] == ITAP_H2_DATA && flen > ITAP_H2_DATA_HEAD)
+            need = pos + 9 + ITAP_H2_DATA_HEAD;
         if (need > end)
             flow->h2_keep = need;
         u32 need_end = need > end ? len : need - start; /* capture payload up to here */

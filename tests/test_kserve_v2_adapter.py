@@ -645,6 +645,25 @@ def test_grpc_truncated_request(grpc_proxy: RecordingProxy) -> None:
     assert_exact(ev.outputs["int64"], INT64)  # the response was whole
 
 
+def test_grpc_cut_bodies_still_name_the_model_from_their_first_bytes(
+    grpc_proxy: RecordingProxy,
+) -> None:
+    """A ModelInfer request cut after its first bytes (the kernel keeps the head of every DATA
+    frame) still says which model it called; cut before the name ends, it names none."""
+    _grpc_infer(f"127.0.0.1:{grpc_proxy.port}", "echo", ECHO)
+    ex = _only_infer(exchanges(grpc_proxy, "h2"))
+    assert ex.response is not None
+    whole, whole_response = ex.request.body, ex.response.body
+    for cut, model in ((64, "echo"), (12, "echo"), (10, ""), (3, "")):
+        for msg, body in ((ex.request, whole), (ex.response, whole_response)):
+            msg.body, msg.grpc_messages, msg.body_truncated = body[:cut], [], True
+        ev = _event(ex)
+        assert ev.request_truncated and ev.response_truncated, cut
+        assert ev.inputs == {} and ev.outputs == {} and ev.model == model, cut
+    assert kserve_v2.names_in_prefix(b"\x00\x00\x00\x00\x09\x0a\x04echo\x12\x01") == ("echo", "")
+    assert kserve_v2.names_in_prefix(b"\x00\x00\x00\x00\x09\x0a\x02\xff\xfe") == ("", "")
+
+
 def _mutations(body: bytes, rnd: random.Random, n: int) -> Iterator[bytes]:
     for _ in range(n):
         b = bytearray(body)

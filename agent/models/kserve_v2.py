@@ -475,6 +475,44 @@ def deframe_grpc(body: bytes) -> list[bytes]:
     return out
 
 
+def _varint(data: bytes, pos: int) -> tuple[int, int] | None:
+    value = shift = 0
+    while pos < len(data) and shift < 35:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return None
+
+
+def names_in_prefix(body: bytes) -> tuple[str, str]:
+    """(model_name, model_version) from the start of a gRPC ModelInfer request or response whose
+    body was cut: both are the message's first fields (1 and 2, strings), written first, so the
+    captured prefix of the message usually holds them whole (the kernel keeps the first bytes of
+    every DATA frame). ("", "") when it does not: nothing is guessed."""
+    if len(body) < 5 or body[0] != 0:
+        return "", ""
+    found = {1: "", 2: ""}
+    pos = 5
+    while pos < len(body):
+        tag = body[pos]
+        if tag not in (0x0A, 0x12, 0x1A):  # fields 1, 2, 3 (id), length-delimited
+            break
+        got = _varint(body, pos + 1)
+        if got is None or got[1] + got[0] > len(body):
+            break
+        n, start = got
+        if tag != 0x1A:
+            try:
+                found[tag >> 3] = body[start : start + n].decode("utf-8")
+            except UnicodeDecodeError:
+                return "", ""
+        pos = start + n
+    return found[1], found[2]
+
+
 def _grpc_messages(msg: HttpMessage) -> list[bytes]:
     return list(msg.grpc_messages) if msg.grpc_messages else deframe_grpc(msg.body)
 
@@ -675,6 +713,8 @@ def decode_grpc_exchange(exchange: HttpExchange, service: Endpoint) -> Inference
     )
     if req.body_truncated:
         event.request_truncated = True
+        if not stream:
+            event.model, event.version = names_in_prefix(req.body)
     else:
         try:
             msgs = _grpc_messages(req)
@@ -697,6 +737,8 @@ def decode_grpc_exchange(exchange: HttpExchange, service: Endpoint) -> Inference
             _add_error(event, message)
         if resp.body_truncated:
             event.response_truncated = True
+            if not event.model and not stream:
+                event.model, event.version = names_in_prefix(resp.body)
         else:
             try:
                 msgs = _grpc_messages(resp)

@@ -19,7 +19,7 @@ from infertap.agent.testbed.v2server import start_in_pod
 
 pytestmark = [needs_root, pytest.mark.kernel]
 
-HTTP_PORT, GRPC_PORT = 8010, 8011
+HTTP_PORT, GRPC_PORT = 8030, 8031
 ROUNDS, CONCURRENCY = 6, 8
 
 
