@@ -189,6 +189,8 @@ def run(
     from infertap.agent.runtime import Agent, AgentOptions
 
     _setup_logging(log_level)
+    if capture is not None and capture not in CAPTURE_CHOICES:
+        raise UserError(f"--capture must be one of {', '.join(CAPTURE_CHOICES)}, got {capture!r}")
     if api:
         server_tls_for(api, tls_dir)  # TCP without TLS material: one line, before any attach
     if metrics_addr:
@@ -214,8 +216,6 @@ def run(
         trace_sample_ratio=trace_sample_ratio,
         capture=capture,
     )
-    if capture is not None and capture not in CAPTURE_CHOICES:
-        raise UserError(f"--capture must be one of {', '.join(CAPTURE_CHOICES)}, got {capture!r}")
     if otlp_endpoint:
         host, sep, otlp_port = otlp_endpoint.rpartition(":")
         if not sep or not host or not otlp_port.isdigit() or not 1 <= int(otlp_port) <= 65535:

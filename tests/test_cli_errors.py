@@ -60,6 +60,10 @@ def test_bad_metrics_address() -> None:
     assert_one_clear_line(run("run", "--metrics-addr", "localhost"), 1, "HOST:PORT")
 
 
+def test_unknown_capture_is_one_line() -> None:
+    assert_one_clear_line(run("run", "--capture", "xdp"), 1, "--capture must be one of skb, sk_msg")
+
+
 def test_bad_otlp_endpoint() -> None:
     assert_one_clear_line(run("run", "--otlp-endpoint", "collector"), 1, "--otlp-endpoint")
 

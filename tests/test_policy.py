@@ -215,6 +215,16 @@ def test_hash_ignores_key_order_comments_and_spelled_out_defaults() -> None:
     assert load_policy_text(a).hash == load_policy_text(b).hash
 
 
+def test_sampling_capture_defaults_to_skb_and_keeps_old_hashes() -> None:
+    plain = load_policy_text("version: 1\n", "p.yaml")
+    skb = load_policy_text("version: 1\nsampling: {capture: skb}\n", "p.yaml")
+    sk_msg = load_policy_text("version: 1\nsampling: {capture: sk_msg}\n", "p.yaml")
+    assert plain.sampling.capture == skb.sampling.capture == "skb"
+    assert sk_msg.sampling.capture == "sk_msg"
+    # Spelling out the default changes nothing, so policies from before the key keep their hash.
+    assert plain.hash == skb.hash != sk_msg.hash
+
+
 def test_hash_changes_with_content() -> None:
     base = "version: 1\ndrift: {thresholds: {psi: {alert: 0.25}}}\n"
     changed = "version: 1\ndrift: {thresholds: {psi: {alert: 0.26}}}\n"
@@ -357,6 +367,11 @@ BAD_THRESHOLD = textwrap.dedent(
             "version: 1\nsampling:\n  sample_bytes: 100000\n",
             "sample_bytes",
             "sampling.sample_bytes: must be an integer from 1 to 16384",
+        ),
+        (
+            "version: 1\nsampling:\n  capture: xdp\n",
+            "capture",
+            "sampling.capture: must be one of: skb, sk_msg",
         ),
         (
             "version: 1\ndrift:\n  window: 1\n",
