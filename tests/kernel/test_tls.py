@@ -32,9 +32,9 @@ kind, url, ca, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 body = {
     "id": f"req-{seed}",
     "inputs": [
-        {"name": "x_fp32", "shape": [2, 3], "datatype": "FP32",
+        {"name": "tls_fp32", "shape": [2, 3], "datatype": "FP32",
          "data": [seed + 0.5, -1.25, 3.0, 4.75, -5.5, 6.0]},
-        {"name": "x_int64", "shape": [3], "datatype": "INT64", "data": [seed, -(10**12), 7]},
+        {"name": "tls_int64", "shape": [3], "datatype": "INT64", "data": [seed, -(10**12), 7]},
         {"name": "who", "shape": [1], "datatype": "BYTES", "data": ["EMAIL"]},
     ],
 }
@@ -56,10 +56,10 @@ print("done", json.dumps(r.json()["outputs"][0]["data"]), flush=True)
 GRPC_CLIENT = """
 import sys, numpy as np, tritonclient.grpc as grpcclient
 c = grpcclient.InferenceServerClient(url=sys.argv[1], ssl=True, root_certificates=sys.argv[2])
-x = grpcclient.InferInput("x_fp32", [2], "FP32")
+x = grpcclient.InferInput("tls_fp32", [2], "FP32")
 x.set_data_from_numpy(np.array([1.5, 2.5], dtype=np.float32))
 r = c.infer("echo", [x])
-assert r.as_numpy("x_fp32").tolist() == [1.5, 2.5]
+assert r.as_numpy("tls_fp32").tolist() == [1.5, 2.5]
 print("done", flush=True)
 """
 
@@ -131,12 +131,12 @@ def test_https_v2_calls_are_decoded_exactly_from_plaintext(
         assert e.service.ip == server.ip
         assert e.client_cgroup == client.cgroup_id and e.server_cgroup == server.cgroup_id
         assert e.latency_ns is not None and e.latency_ns > 0
-        x = e.inputs["x_fp32"]
+        x = e.inputs["tls_fp32"]
         assert x.dtype == np.float32 and x.shape == (2, 3)
         assert x.ravel().tolist() == [seed + 0.5, -1.25, 3.0, 4.75, -5.5, 6.0]
-        assert e.inputs["x_int64"].tolist() == [seed, -(10**12), 7]
+        assert e.inputs["tls_int64"].tolist() == [seed, -(10**12), 7]
         assert [bytes(b) for b in e.inputs["who"].ravel()] == [EMAIL.encode()]
-        assert e.outputs["x_fp32"].ravel().tolist() == x.ravel().tolist()  # the response too
+        assert e.outputs["tls_fp32"].ravel().tolist() == x.ravel().tolist()  # the response too
     # PII inside TLS traffic is found, and only its redacted form leaves the inspector.
     findings = [ev.data for ev in seen if ev.kind == "finding" and ev.data.get("type") == "email"]
     assert findings and all(EMAIL not in json.dumps(f) for f in findings)
