@@ -408,7 +408,10 @@ class Agent:
 
     def uninspected_counts(self) -> dict[str, int]:
         """Connections in the watched pods whose traffic is not inspected, by reason."""
-        return self.uninspected.counts()
+        counts = self.uninspected.counts()
+        for reason, n in self.pipeline.decoder.uninspected_counts().items():
+            counts[reason] = counts.get(reason, 0) + n
+        return counts
 
     def _find_uninspected(self, cgroup: Path) -> None:
         """Right after attaching: the connections the pod already had, which sockops will never
@@ -475,8 +478,14 @@ class Agent:
         )
 
     def flow_rows(self) -> list[FlowRow]:
+        decoder = self.pipeline.decoder
         rows = [
-            FlowRow(f, self.pods.path_of(f.cgroup_id), self.pipeline.decoder.protocol_of(f.cookie))
+            FlowRow(
+                f,
+                self.pods.path_of(f.cgroup_id),
+                decoder.protocol_of(f.cookie),
+                uninspected=decoder.uninspected_reason(f.cookie),
+            )
             for f in self.flows()
         ]
         now = time.monotonic_ns()

@@ -25,7 +25,7 @@ from wire_streams import (
     server_flow,
 )
 
-from infertap.agent.flows.records import Role, Sample
+from infertap.agent.flows.records import FlowInfo, Role, Sample
 from infertap.agent.protocols.messages import HttpExchange
 from infertap.agent.protocols.wire import WireDecoder
 
@@ -319,6 +319,19 @@ def test_non_http_flow_is_ignored_cheaply() -> None:
     assert dec.protocol_of(CLIENT_COOKIE) == ""
     assert dec.stats["flows_unknown"] == 1 and dec.stats["samples_ignored"] == 4
     assert dec.buffered_bytes == 0
+    # Reported, not silent: the connection is not inspected, until it closes.
+    assert dec.uninspected_counts() == {"not_http": 1}
+    assert dec.uninspected_reason(CLIENT_COOKIE) == "not_http"
+    # TLS: when the same connection's plaintext decodes on another (virtual) flow, the
+    # ciphertext flow no longer makes the connection uninspected.
+    plain = FlowInfo(999, Role.CLIENT, client_flow().local, SERVER, 7, 0, True)
+    dec.on_flow_start(plain)
+    req = h1_request("GET", "/v2/health/ready")
+    dec.on_sample(Sample(999, 10, 0, len(req), req, Role.CLIENT, False))
+    assert dec.uninspected_counts() == {} and dec.uninspected_reason(CLIENT_COOKIE) == ""
+    dec.on_flow_end(999)
+    dec.on_flow_end(CLIENT_COOKIE)
+    assert dec.uninspected_counts() == {}
 
 
 def test_requests_only_mode_never_decodes_the_server_side() -> None:

@@ -163,7 +163,8 @@ class ControlServicer(pb_grpc.ControlServicer):
         store = self.agent.verdicts
         if kind == "flow":
             rows = self.agent.flow_rows()
-            if flow_id not in {r.flow.cookie for r in rows if not r.uninspected}:
+            # A pre-existing connection is not in the sockhash: the kernel cannot block it.
+            if flow_id not in {r.flow.cookie for r in rows if r.uninspected != "pre_existing"}:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no intercepted flow with id {flow_id}")
             v = store.block_flow(flow_id, reason="api")
         else:

@@ -69,7 +69,8 @@ METRICS: dict[str, MetricSpec] = {
     "infertap_policy_info": MetricSpec("gauge", ("hash",)),
     # What was not decoded or not seen (agent/protocols/losses.py): decode losses by protocol
     # (http1, http2, unknown) and reason (a fixed set); connections not inspected by reason
-    # ("pre_existing": opened before the agent started).
+    # ("pre_existing": opened before the agent started; "not_http", "mid_stream",
+    # "decoder_failed": intercepted, but no byte of it is decoded).
     "infertap_decode_lost_total": MetricSpec("counter", ("protocol", "reason")),
     "infertap_connections_uninspected": MetricSpec("gauge", ("reason",)),
     # Shadow mirroring (agent/mirror), per mirrored model; result: agree, disagree, error, skipped.

@@ -61,6 +61,15 @@ _NO_CONNECTION = Endpoint("", 0)
 
 ConnectionDecoder = Http1Connection | Http2Connection
 
+# Why a flow's traffic is not decoded at all (its connection is reported not inspected), by the
+# stats key it is counted under. A fixed set: the metric label `reason`.
+UNINSPECTED_REASONS = {
+    "flows_unknown": "not_http",  # TLS ciphertext, or another protocol
+    "flows_protocol_mismatch": "not_http",
+    "flows_mid_stream_h2": "mid_stream",  # HTTP/2 whose start was not seen
+    "flows_failed": "decoder_failed",
+}
+
 
 class _Connection:
     """One TCP connection: its decoder (once a flow's protocol is known) and its flows."""
@@ -84,6 +93,7 @@ class _Flow:
         "cookie",
         "direction",
         "ignored",
+        "ignored_why",
         "last_ts_ns",
         "mid_stream",
         "owner",
@@ -101,6 +111,7 @@ class _Flow:
         self.conn = conn
         self.protocol = ""
         self.ignored = False
+        self.ignored_why = ""  # UNINSPECTED_REASONS value once ignored by _ignore
         self.last_ts_ns = ts
         self.mid_stream = False  # the first bytes were lost: look for a start line
         self.scanned = 0
@@ -239,6 +250,9 @@ class WireDecoder:
         self.requests_by_service: Counter[Endpoint] = Counter()
         # Every decode loss by (protocol, reason), logged once per connection (losses.py).
         self.losses = DecodeLosses()
+        # Connections with a flow ignored (not decoded), and why: read from other threads
+        # through a copy (dict.copy is atomic under the GIL).
+        self._ignored: dict[ConnectionId | int, tuple[_Connection, str]] = {}
 
     # -- the runtime's calls ---------------------------------------------------------------
 
@@ -368,8 +382,33 @@ class WireDecoder:
         if not flow.ignored:
             self.stats_counter[reason] += 1
             log.debug("flow %d ignored: %s", flow.cookie, reason)
+            why = UNINSPECTED_REASONS.get(reason, "")
+            if why:
+                flow.ignored_why = why
+                self._ignored.setdefault(flow.conn.key, (flow.conn, why))
         flow.ignored = True
         flow.consumer = None
+
+    @staticmethod
+    def _uninspected(conn: _Connection, why: str) -> bool:
+        # Bytes that are not HTTP on a connection some other flow decodes (TLS plaintext from
+        # the library's calls, or the other direction) leave the connection inspected.
+        return why != "not_http" or conn.decoder is None
+
+    def uninspected_counts(self) -> dict[str, int]:
+        """Open connections with a flow that is not decoded at all, by reason (any thread)."""
+        out: dict[str, int] = {}
+        for conn, why in self._ignored.copy().values():
+            if self._uninspected(conn, why):
+                out[why] = out.get(why, 0) + 1
+        return out
+
+    def uninspected_reason(self, cookie: int) -> str:
+        """Why a flow is not decoded, or "" (any thread)."""
+        flow = self._flows.get(cookie)
+        if flow is None or not flow.ignored_why:
+            return ""
+        return flow.ignored_why if self._uninspected(flow.conn, flow.ignored_why) else ""
 
     def _end(self, flow: _Flow, *, complete: bool = False) -> list[HttpExchange]:
         del self._flows[flow.cookie]
@@ -392,6 +431,7 @@ class WireDecoder:
             self._internal_error("flow_end", err)
         if not conn.flows:
             self._connections.pop(conn.key, None)
+            self._ignored.pop(conn.key, None)
             self.losses.connection_closed(conn.id)
         return out
 
