@@ -514,7 +514,11 @@ def baseline_build(
     """Build a versioned baseline (histograms, quantiles, category frequencies) for drift."""
     from rich.progress import Progress
 
-    from infertap.agent.inspect.baseline import BaselineError, build_baseline
+    from infertap.agent.inspect.baseline import (
+        BaselineError,
+        build_baseline,
+        small_sample_warning,
+    )
 
     if not file.is_file():
         raise UserError(f"no such file: {file}")
@@ -530,7 +534,13 @@ def baseline_build(
             b = build_baseline(file, model, target, features=names, progress=step)
         except (BaselineError, ValueError, OSError) as exc:
             raise UserError(str(exc)) from None
-    out.print(f"wrote {target}: model {model}, {len(b.feature_names)} features", highlight=False)
+    out.print(
+        f"wrote {target}: model {model}, {b.rows} rows, {len(b.feature_names)} features",
+        highlight=False,
+    )
+    warning = small_sample_warning(b)
+    if warning is not None:
+        err.print(f"infertap: warning: {warning}", highlight=False, soft_wrap=True)
 
 
 @baseline_app.command("show")

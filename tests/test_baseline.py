@@ -236,3 +236,38 @@ def test_build_errors_are_clear(tmp_path: Path) -> None:
         build_baseline(tmp_path / "late.csv", "m", tmp_path / "o.json")
     assert "abc" in str(e.value)
     assert not (tmp_path / "o.json").exists()
+
+
+def test_build_warns_on_a_baseline_too_small_for_psi(tmp_path: Path) -> None:
+    """89 rows of scikit-learn's wine data: `baseline build` writes it, records its row count,
+    and warns on stderr that drift thresholds will be raised; 3000 rows get no warning."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_wine  # type: ignore[import-untyped]
+
+    wine = load_wine()
+    names = [str(n).replace("/", "_") for n in wine.feature_names]
+    small = tmp_path / "wine.csv"
+    np.savetxt(small, wine.data[:89], delimiter=",", header=",".join(names), comments="")
+    a, b, city = _data()
+    big = _write_all(tmp_path, a, b, city)["csv"]
+
+    def build(path: Path) -> subprocess.CompletedProcess[str]:
+        cli = [sys.executable, "-m", "infertap.cli.main"]
+        args = ["baseline", "build", str(path), "--model", "m", "--out"]
+        return subprocess.run(
+            [*cli, *args, str(path.with_suffix(".json"))],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    r = build(small)
+    assert r.returncode == 0, r.stderr
+    assert "89 rows, 13 features" in r.stdout
+    (warning,) = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert warning.startswith("infertap: warning: only 89 rows: PSI over 10 bins is unreliable")
+    assert Baseline.load(small.with_suffix(".json")).rows == 89
+    r = build(big)
+    assert r.returncode == 0 and "3000 rows" in r.stdout and "warning" not in r.stderr

@@ -12,7 +12,7 @@ import numpy.typing as npt
 import pytest
 from scipy.spatial.distance import jensenshannon  # type: ignore[import-untyped]
 from scipy.stats import ks_2samp  # type: ignore[import-untyped]
-from sklearn.datasets import load_breast_cancer  # type: ignore[import-untyped]
+from sklearn.datasets import load_breast_cancer, load_wine  # type: ignore[import-untyped]
 from sklearn.model_selection import train_test_split  # type: ignore[import-untyped]
 
 from infertap.agent.flows.records import Endpoint
@@ -21,6 +21,7 @@ from infertap.agent.inspect.drift import (
     DriftConfig,
     DriftMonitor,
     Thresholds,
+    chance_thresholds,
     js_distance,
     ks_statistic,
     psi,
@@ -317,3 +318,68 @@ def test_categorical_bins_are_the_categories_then_other(tmp_path: Path) -> None:
     seen = dict(zip([*fc.categories, "(other)"], bins.seen, strict=True))
     assert seen == {"red": 1, "green": 2, "blue": 0, "(other)": 1}
     assert bins.baseline_share == pytest.approx([0.6, 0.3, 0.1, 0.0])
+
+
+# -- small baselines: scikit-learn's wine data, 89 training rows --------------------------------
+
+WINE_SHIFTED = "alcohol"
+
+
+def _wine(seed: int, tmp_path: Path) -> tuple[Baseline, FloatArray, list[str]]:
+    data = load_wine()
+    names = [str(n).replace("/", "_") for n in data.feature_names]
+    train, held = train_test_split(
+        data.data, train_size=89, random_state=seed, stratify=data.target
+    )
+    np.save(tmp_path / f"wine-{seed}.npy", np.asarray(train, dtype=np.float64))
+    b = build_baseline(
+        tmp_path / f"wine-{seed}.npy", "wine", tmp_path / f"wine-{seed}.json", features=names
+    )
+    assert b.rows == 89  # the baseline records its row count
+    return b, np.asarray(held, dtype=np.float64), names
+
+
+def _judge_once(b: Baseline, live: FloatArray, names: list[str]) -> list[Finding]:
+    n = len(live)  # one window holding the whole split, judged once
+    mon = DriftMonitor(b, DriftConfig(window=n, min_samples=n, evaluate_every=n))
+    return mon.observe_columns({name: live[:, i] for i, name in enumerate(names)})
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_small_baseline_held_out_split_gives_no_alert(seed: int, tmp_path: Path) -> None:
+    """89 rows against 89: fixed thresholds (PSI alert 0.25) alerted on 1 to 7 unshifted
+    features of these splits (two on seed 0), since PSI's no-drift level is about
+    9 x (1/89 + 1/89) = 0.2 here. Confidence-aware thresholds raise no alert."""
+    b, held, names = _wine(seed, tmp_path)
+    alerts = [(f.location, f.type) for f in _judge_once(b, held, names) if f.severity == "alert"]
+    assert alerts == []
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_small_baseline_one_std_shift_alerts_on_that_feature_only(
+    seed: int, tmp_path: Path
+) -> None:
+    b, held, names = _wine(seed, tmp_path)
+    feat = b.feature(WINE_SHIFTED)
+    assert isinstance(feat, NumericFeature) and feat.std is not None
+    shifted = held.copy()
+    shifted[:, names.index(WINE_SHIFTED)] += feat.std
+    found = _judge_once(b, shifted, names)
+    alerts = {(f.location, f.type) for f in found if f.severity == "alert"}
+    assert {loc for loc, _ in alerts} == {WINE_SHIFTED}
+    assert {stat for _, stat in alerts} == {"psi", "ks", "js"}
+    psi_alert = next(f for f in found if (f.location, f.type) == (WINE_SHIFTED, "psi"))
+    assert "raised from 0.1/0.25 for 89 baseline values" in psi_alert.message
+
+
+def test_chance_thresholds_change_nothing_on_large_samples() -> None:
+    configured = Thresholds(0.1, 0.25)
+    assert chance_thresholds("psi", configured, 100_000, 500, 10) == configured
+    assert chance_thresholds("ks", Thresholds(0.2, 0.3), 100_000, 500, 10) == Thresholds(0.2, 0.3)
+    small = chance_thresholds("psi", configured, 89, 89, 10)
+    # chi2(9) at 0.99 and 0.999 (scipy: 21.666, 27.877) times 2/89.
+    assert small.warn == pytest.approx(21.666 * 2 / 89, rel=0.01)
+    assert small.alert == pytest.approx(27.877 * 2 / 89, rel=0.01)
+    ks = chance_thresholds("ks", Thresholds(0.2, 0.3), 89, 89, 10)
+    assert ks.warn == pytest.approx(1.6276 * math.sqrt(2 / 89), rel=1e-3)  # c(0.01) = 1.6276
+    assert ks.alert == 0.3  # c(0.001) sqrt(2/89) = 0.292: the configured level is higher

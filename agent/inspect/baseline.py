@@ -40,6 +40,11 @@ DEFAULT_MAX_CATEGORIES: Final = 50
 _MAX_TRACKED_CATEGORIES: Final = 100_000  # past this, new categories count as "other"
 _BATCH_ROWS: Final = 65_536
 
+# Below this many rows per bin, PSI's no-drift level ((bins - 1) / rows from the baseline side
+# alone) is a sizeable share of the default warn level 0.1: `baseline build` warns, and the drift
+# monitor raises its thresholds to the no-drift levels (agent/inspect/drift.py).
+RELIABLE_ROWS_PER_BIN: Final = 100
+
 Progress = Callable[[int, int], None]
 FloatArray = npt.NDArray[np.float64]
 
@@ -184,6 +189,23 @@ class Baseline:
             schema_version=data["schema_version"],
             content_hash=data["content_hash"],
         )
+
+
+def small_sample_warning(b: Baseline) -> str | None:
+    """One line when the baseline has too few rows for PSI to be reliable; None otherwise."""
+    bins = max(
+        (len(f.counts) if isinstance(f, NumericFeature) else len(f.counts) + 1 for f in b.features),
+        default=0,
+    )
+    needed = RELIABLE_ROWS_PER_BIN * bins
+    if bins < 2 or b.rows >= needed:
+        return None
+    return (
+        f"only {b.rows} rows: PSI over {bins} bins is unreliable below {needed} (its no-drift"
+        f" level is about {bins - 1}/{b.rows} = {(bins - 1) / max(b.rows, 1):.2f} from the"
+        " baseline alone); drift thresholds for it will be raised to their no-drift 99%/99.9%"
+        " levels, so only larger shifts alert"
+    )
 
 
 def _hash_content(content: Mapping[str, Any]) -> str:

@@ -8,6 +8,13 @@ Per feature, the last `window` values (count-based) are compared with the baseli
 - the Jensen-Shannon distance (base 2, so in [0, 1]) over the same bins.
 Categorical features get PSI and JS over the baseline's categories plus an "other" bucket.
 
+Thresholds are confidence-aware: a statistic is compared with the larger of the configured
+level and the level it reaches by chance alone, without drift, for this baseline's sample size
+and this window's (`chance_thresholds`: the 99% no-drift quantile for warn, 99.9% for alert). On
+a large baseline and window that changes nothing; on a small one (89 training rows: PSI's
+no-drift mean is about (bins - 1) x (1/rows + 1/window), 0.2 for 89 and 89) it keeps sampling
+noise from reading as drift.
+
 A feature is judged once its window holds `min_samples` values, then again after every
 `evaluate_every` new values. A Finding is produced whenever a (feature, statistic) pair changes
 level: up to warn or alert, or back under its thresholds (severity "info"). `current()` and
@@ -20,6 +27,7 @@ recording-rules.yaml). Everything per value is numpy; Python loops run over feat
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -148,6 +156,42 @@ def js_distance(p: npt.ArrayLike, q: npt.ArrayLike) -> float:
         return float(np.sum(x[nz] * np.log2(x[nz] / m[nz])))
 
     return float(np.sqrt(max((kl(pp) + kl(qq)) / 2, 0.0)))
+
+
+# --- confidence-aware thresholds ----------------------------------------------------------------
+
+_Z_WARN: Final = 2.3263  # standard normal quantile at 0.99
+_Z_ALERT: Final = 3.0902  # at 0.999
+_KS_C_WARN: Final = 1.6276  # Kolmogorov's c(alpha) = sqrt(-ln(alpha / 2) / 2), alpha 0.01
+_KS_C_ALERT: Final = 1.9495  # alpha 0.001
+
+
+def _chi2_quantile(dof: int, z: float) -> float:
+    """Wilson-Hilferty: the chi-square quantile with `dof` degrees of freedom at normal z."""
+    k = float(max(dof, 1))
+    return k * (1.0 - 2.0 / (9.0 * k) + z * math.sqrt(2.0 / (9.0 * k))) ** 3
+
+
+def chance_thresholds(
+    stat: str, configured: Thresholds, baseline_n: float, window_n: int, bins: int
+) -> Thresholds:
+    """`configured`, raised to what `stat` reaches by chance (no drift) at 99% (warn) and
+    99.9% (alert) for a baseline of `baseline_n` values and a window of `window_n`, over `bins`
+    non-empty bins. Two samples of one distribution give PSI ~ chi2(bins - 1) x (1/N + 1/M),
+    JS divergence (bits) ~ that / (8 ln 2), and KS ~ c(alpha) sqrt(1/N + 1/M)."""
+    if baseline_n <= 0 or window_n <= 0:
+        return configured
+    scale = 1.0 / baseline_n + 1.0 / window_n
+    if stat == "ks":
+        warn, alert = _KS_C_WARN * np.sqrt(scale), _KS_C_ALERT * np.sqrt(scale)
+    else:
+        w2, a2 = _chi2_quantile(bins - 1, _Z_WARN), _chi2_quantile(bins - 1, _Z_ALERT)
+        if stat == "psi":
+            warn, alert = w2 * scale, a2 * scale
+        else:  # js: a distance, the square root of the divergence
+            warn = np.sqrt(w2 * scale / (8 * np.log(2)))
+            alert = np.sqrt(a2 * scale / (8 * np.log(2)))
+    return Thresholds(max(configured.warn, float(warn)), max(configured.alert, float(alert)))
 
 
 # --- windows -------------------------------------------------------------------------------------
@@ -328,13 +372,21 @@ class DriftMonitor:
 
     def _judge(self, name: str, tracker: _NumericTracker | _CategoricalTracker) -> list[Finding]:
         n = tracker.window.n
-        values = dict(zip(STATS, tracker.judge(self.config.epsilon), strict=True))
+        # An empty live bin means a share under about one value in the window, not 1e-4: the
+        # floor is half a value (a continuity correction), or epsilon when that is larger.
+        epsilon = max(self.config.epsilon, 0.5 / max(n, 1))
+        values = dict(zip(STATS, tracker.judge(epsilon), strict=True))
         findings: list[Finding] = []
         worst: Severity | None = None
+        base_n = float(tracker.expected.sum())
+        bins = int(np.count_nonzero(tracker.expected))
         for stat, value in values.items():
-            t = self.config.thresholds.get(stat)
-            if value is None or t is None:
+            configured = self.config.thresholds.get(stat)
+            if value is None or configured is None:
                 continue
+            t = chance_thresholds(stat, configured, base_n, n, bins)
+            raised = "" if t == configured else f" (raised from {configured.warn:g}/"
+            raised += f"{configured.alert:g} for {base_n:.0f} baseline values)" if raised else ""
             level: Severity | None = (
                 "alert" if value >= t.alert else "warn" if value >= t.warn else None
             )
@@ -345,10 +397,11 @@ class DriftMonitor:
                 continue
             self._levels[(name, stat)] = level
             if level is None:
-                msg = f"{stat} {value:.3f} back under warn {t.warn:g} over the last {n} values"
+                msg = f"{stat} {value:.3f} back under warn {t.warn:.3g} over the last {n} values"
             else:
                 limit = t.alert if level == "alert" else t.warn
-                msg = f"{stat} {value:.3f} >= {level} {limit:g} over the last {n} values"
+                msg = f"{stat} {value:.3f} >= {level} {limit:.3g} over the last {n} values"
+            msg += raised
             findings.append(
                 Finding(
                     kind="drift",
