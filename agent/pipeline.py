@@ -204,6 +204,10 @@ class Pipeline:
             self.exchanges += 1
             req = ex.request
             pod = self.pods.labels(self._cgroup_for(ex))
+            if ex.partial:  # a piece of an open stream: its calls now, the request at its end
+                if self.inference is not None:
+                    self._inference(ex, pod)
+                continue
             status = ex.response.status if ex.response is not None else None
             self.traffic.count_http(pod, str(req.connection.server), req.method, status)
             data: dict[str, Any] = {"request": http_dict(req), "pod": "/".join(p for p in pod if p)}

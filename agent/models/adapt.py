@@ -125,8 +125,8 @@ def _finish(
         event.latency_ns = exchange.latency_ns
     if event.stream_index is None:
         event.payload_bytes = req.content_length if req.content_length >= 0 else len(req.body)
-    elif event.stream_index < len(req.grpc_messages):
-        event.payload_bytes = len(req.grpc_messages[event.stream_index])
+    elif 0 <= event.stream_index - exchange.stream_offset < len(req.grpc_messages):
+        event.payload_bytes = len(req.grpc_messages[event.stream_index - exchange.stream_offset])
     _count(f"events_{event.protocol}")
     if event.error:
         _count("decode_errors")

@@ -649,10 +649,11 @@ def decode_grpc_stream_exchange(exchange: HttpExchange, service: Endpoint) -> li
     )
     req_ts, resp_ts = req.grpc_message_ts, resp.grpc_message_ts if resp is not None else []
     events: list[InferenceEvent] = []
+    offset = exchange.stream_offset  # a piece of a stream handed out while it was open
 
     def new(index: int, ts: int) -> InferenceEvent:
         ev = InferenceEvent(service=service, model="", version="", protocol=PROTOCOL_GRPC, ts_ns=ts)
-        ev.stream_index = index
+        ev.stream_index = offset + index
         return ev
 
     def answer(ev: InferenceEvent, j: int) -> None:
@@ -678,7 +679,9 @@ def decode_grpc_stream_exchange(exchange: HttpExchange, service: Endpoint) -> li
                 _add_error(ev, "request: " + ", ".join(payload.problems))
         if problem:
             _add_error(ev, problem)
-        if j is None:
+        if j is None and resp is None:
+            pass  # the server side is not seen: a request alone, as unary calls are
+        elif j is None:
             ev.unpaired = True
             ev.response_truncated = True
             ev.status = stream_status if stream_status not in ("", "ok") else ""

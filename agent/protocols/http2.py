@@ -19,6 +19,7 @@ would attribute one request's headers to another).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import enum
 import logging
 import struct
@@ -41,6 +42,7 @@ from infertap.agent.protocols.content import (
     decode_content,
     split_grpc_messages,
 )
+from infertap.agent.protocols.grpc_stream import GrpcMessageSplitter
 from infertap.agent.protocols.losses import HTTP2, DecodeLosses
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
@@ -53,6 +55,9 @@ MAX_HEADER_BLOCK = 256 * 1024  # a HEADERS + CONTINUATION block past this breaks
 MAX_STREAMS = 1024  # open streams per connection; the oldest is given up past this
 MAX_GRPC_MESSAGES = 4096
 MAX_PLAUSIBLE_FRAME = 1 << 20  # resync: frame lengths past this are taken for noise
+# Bidirectional gRPC methods whose request and response messages pair one to one, in order:
+# their messages are handed out as they pair, while the stream is open (grpc_stream.py).
+STREAMING_PATHS = frozenset({"/inference.GRPCInferenceService/ModelStreamInfer"})
 
 _TYPE_DATA = 0x0
 _TYPE_HEADERS = 0x1
@@ -109,6 +114,11 @@ class _Stream:
     request_done: bool = False
     response_done: bool = False
     reset: bool = False
+    # STREAMING_PATHS only: the messages of each side as they complete, and how many request
+    # messages were handed out already (in partial exchanges).
+    request_split: GrpcMessageSplitter | None = None
+    response_split: GrpcMessageSplitter | None = None
+    handed_out: int = 0
 
 
 class _Mode(enum.Enum):
@@ -493,9 +503,12 @@ class Http2Connection:
             return
         if direction is Direction.REQUEST:
             if stream.request is None:
-                stream.request = self._new_message(direction, sid, headers, ts)
+                stream.request = req = self._new_message(direction, sid, headers, ts)
                 self.stats["requests"] += 1
                 self._per_service[self.connection.server] += 1
+                if req.is_grpc and req.path.split("?", 1)[0] in STREAMING_PATHS:
+                    encoding = req.header("grpc-encoding") or ""
+                    stream.request_split = GrpcMessageSplitter(encoding, self._max_body)
             else:
                 self._add_trailers(stream.request, headers, ts)
         else:
@@ -520,6 +533,10 @@ class Http2Connection:
         body = stream.request_body if direction is Direction.REQUEST else stream.response_body
         if body.cut or not self._capture:
             return
+        split = self._splitter(stream, direction, msg)
+        if split is not None:
+            self._stream_body(stream, body, split, data, ts)
+            return
         room = self._max_body - body.kept
         if len(data) > room:
             data = data[:room]
@@ -530,6 +547,58 @@ class Http2Connection:
             body.marks.append((body.kept, ts))
             body.parts.append(bytes(data))
             body.kept += len(data)
+
+    def _splitter(
+        self, stream: _Stream, direction: Direction, msg: HttpMessage
+    ) -> GrpcMessageSplitter | None:
+        if stream.request_split is None:
+            return None
+        if direction is Direction.REQUEST:
+            return stream.request_split
+        if stream.response_split is None:
+            encoding = msg.header("grpc-encoding") or ""
+            stream.response_split = GrpcMessageSplitter(encoding, self._max_body)
+        return stream.response_split
+
+    def _stream_body(
+        self,
+        stream: _Stream,
+        body: _Body,
+        split: GrpcMessageSplitter,
+        data: memoryview,
+        ts: int,
+    ) -> None:
+        """A streaming call's DATA: split into messages, hand out every pair complete so far."""
+        split.feed(data, ts)
+        if split.broken or split.pending_bytes > self._max_body:
+            # A message over the cap, one we cannot decompress, or answers that never come:
+            # what is held is handed out when the stream ends; nothing later is trusted.
+            body.cut = True
+            split.broken = True
+            self.stats["h2_bodies_over_limit"] += 1
+            self.lost("over_limit")
+            return
+        requests = stream.request_split
+        assert requests is not None and stream.request is not None
+        responses = stream.response_split
+        if self.expect_responses:
+            n = min(len(requests.messages), len(responses.messages) if responses else 0)
+        else:
+            n = len(requests.messages)  # no answer will be seen: each request alone
+        if n == 0:
+            return
+        msgs, times = requests.take(n)
+        req = dataclasses.replace(
+            stream.request, grpc_messages=msgs, grpc_message_ts=times, body=b"", trailers=[]
+        )
+        resp: HttpMessage | None = None
+        if self.expect_responses and responses is not None and stream.response is not None:
+            rmsgs, rtimes = responses.take(n)
+            resp = dataclasses.replace(
+                stream.response, grpc_messages=rmsgs, grpc_message_ts=rtimes, body=b"", trailers=[]
+            )
+        self.ready.append(HttpExchange(req, resp, stream_offset=stream.handed_out, partial=True))
+        stream.handed_out += n
 
     def body_lost(self, direction: Direction, sid: int, ts: int) -> None:
         stream = self._stream(sid, direction)
@@ -668,6 +737,11 @@ class Http2Connection:
         # A response whose headers were lost is still gRPC when its request was: the stream's
         # framing is the protocol's, not something read from the lost block.
         peer = stream.request if direction is Direction.RESPONSE else stream.response
+        split = stream.request_split if direction is Direction.REQUEST else stream.response_split
+        if stream.request_split is not None:  # a streaming call: its messages are in `split`
+            if body.cut or (split is not None and split.partial):
+                msg.body_truncated = True
+            return
         grpc = msg.is_grpc or (msg.headers_unknown and peer is not None and peer.is_grpc)
         self._decode_body(msg, body, grpc)
 
@@ -726,7 +800,17 @@ class Http2Connection:
             return
         if stream.response is None:
             self.stats["requests_unanswered"] += 1
-        out.append(HttpExchange(stream.request, stream.response))
+        if stream.request_split is None:
+            out.append(HttpExchange(stream.request, stream.response))
+            return
+        # A streaming call's last piece: what was not handed out yet, with the trailers.
+        for msg, split in (
+            (stream.request, stream.request_split),
+            (stream.response, stream.response_split),
+        ):
+            if msg is not None:
+                msg.grpc_messages, msg.grpc_message_ts = split.take() if split else ([], [])
+        out.append(HttpExchange(stream.request, stream.response, stream_offset=stream.handed_out))
 
 
 def _message_times(raw: bytes, marks: list[tuple[int, int]], count: int, default: int) -> list[int]:

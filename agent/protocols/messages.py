@@ -65,6 +65,11 @@ class HttpExchange:
 
     request: HttpMessage
     response: HttpMessage | None = None
+    # A streaming call handed out in pieces as its messages pair (HTTP/2, STREAMING_PATHS): this
+    # piece's first request message is message number `stream_offset` of the stream; `partial`
+    # for every piece but the last, which comes when the stream closes (with its trailers).
+    stream_offset: int = 0
+    partial: bool = False
 
     @property
     def latency_ns(self) -> int | None:

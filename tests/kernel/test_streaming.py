@@ -6,7 +6,9 @@ token usage."""
 from __future__ import annotations
 
 import itertools
+import subprocess
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,33 @@ errors = [done.get(timeout=30) for _ in range({MESSAGES})]
 client.stop_stream()
 client.close()
 assert not any(errors), errors
+print("done", flush=True)
+"""
+
+
+# A long-lived stream: half the messages, then it waits (stream open) until told to go on.
+HELD_CLIENT = f"""
+import queue, sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+client = grpcclient.InferenceServerClient(url=sys.argv[1] + ":{GRPC_PORT}")
+done = queue.Queue()
+client.start_stream(callback=lambda result, error: done.put(error))
+
+def send(lo, hi):
+    for i in range(lo, hi):
+        x = grpcclient.InferInput("held", [1], "INT64")
+        x.set_data_from_numpy(np.array([i], dtype=np.int64))
+        client.async_stream_infer("echo", [x])
+    assert not any(done.get(timeout=30) for _ in range(lo, hi))
+
+send(0, 20)
+print("half", flush=True)
+sys.stdin.readline()
+send(20, 40)
+client.stop_stream()
+client.close()
 print("done", flush=True)
 """
 
@@ -133,3 +162,37 @@ def test_openai_streamed_chat_completion_is_assembled_with_usage_from_the_final_
     assert streamed.usage == {"prompt_tokens": 12, "completion_tokens": 12, "total_tokens": 24}
     assert not streamed.response_truncated and streamed.error == "" and streamed.status == "ok"
     assert plain.output_texts == ["streamed not"] and plain.usage["completion_tokens"] == 2
+
+
+def test_calls_on_an_open_stream_come_out_before_it_ends(
+    agent: Any, lab: Any, servers: Any
+) -> None:
+    rec = agent.recorder
+    proc = lab.pods["client"].popen(
+        [sys.executable, "-c", HELD_CLIENT, servers.ip],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def held() -> list[Any]:
+        return [e for e in rec.inferences if "held" in e.inputs and e.service.port == GRPC_PORT]
+
+    try:
+        assert proc.stdout.readline().strip() == "half"
+        # The stream is still open: its first 20 calls are decoded already, each paired.
+        first = rec.wait_for(lambda: held() if len(held()) >= 20 else None)
+        time.sleep(0.3)
+        assert len(held()) == 20
+        assert [e.inputs["held"].tolist() for e in first] == [[i] for i in range(20)]
+        assert all(e.outputs["held"].tolist() == e.inputs["held"].tolist() for e in first)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "done"
+        proc.wait(timeout=30)
+    finally:
+        lab.pods["client"].kill(proc)
+    events = rec.wait_for(lambda: held() if len(held()) >= 40 else None)
+    assert [e.stream_index for e in events] == list(range(40))
+    assert all(not e.unpaired and e.status == "ok" for e in events)
