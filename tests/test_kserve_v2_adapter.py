@@ -911,3 +911,107 @@ def test_grpc_stream_messages_that_cannot_be_paired_are_marked_incomplete() -> N
         [_stream_response(0, error="bad input"), _stream_response(1)],
     )
     assert [e.status for e in events] == ["error", "ok"] and events[0].error == "bad input"
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast paths decide exactly what the general ones decide
+
+
+def _outcome(fn: Any, *args: Any) -> tuple[str, Any]:
+    try:
+        arr = fn(*args)
+    except kserve_v2.V2DecodeError as exc:
+        return "error", str(exc)
+    return "tensor", (arr.dtype, arr.shape, arr.tolist())
+
+
+def _general_json_tensor(datatype: object, shape: object, data: object) -> Any:
+    """decode_json_tensor as it was before its flat-data fast path: every leaf walked."""
+    datatype, dt = kserve_v2._dtype(datatype)
+    dims, n = kserve_v2.element_count(shape)
+    leaves = kserve_v2._flatten(data)
+    if len(leaves) != n:
+        raise kserve_v2.V2DecodeError("JSON element count does not match the shape")
+    kserve_v2._check_json_leaves(datatype, leaves)
+    if datatype == "BYTES":
+        return kserve_v2._object_array([v.encode("utf-8") for v in leaves], dims)
+    try:
+        return np.array(leaves, dtype=dt).reshape(dims)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise kserve_v2.V2DecodeError("JSON data out of range for the datatype") from exc
+
+
+_leaf = st.one_of(
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, width=64),
+    st.text(max_size=3),
+    st.none(),
+)
+
+
+@st.composite
+def _json_tensor_args(draw: st.DrawFn) -> tuple[str, Any, Any]:
+    datatype = draw(
+        st.sampled_from(["BOOL", "INT8", "INT64", "UINT32", "FP16", "FP32", "FP64", "BYTES"])
+    )
+    data = draw(st.one_of(_leaf, st.lists(_leaf, max_size=6), st.lists(st.lists(_leaf))))
+    n = len(kserve_v2._flatten(data))
+    shape = draw(
+        st.one_of(
+            st.just([n]),  # mostly a shape that fits, so the leaf checks decide
+            st.just([1, n]),
+            st.lists(st.integers(-1, 6), max_size=3),
+            st.just([True, n]),
+            st.just((n,)),
+        )
+    )
+    return datatype, data, shape
+
+
+@settings(max_examples=800, deadline=None)
+@given(args=_json_tensor_args())
+def test_json_tensors_decode_as_the_general_path_decodes(args: tuple[str, Any, Any]) -> None:
+    datatype, data, shape = args
+    with np.errstate(over="ignore"):  # FP16 from big numbers: inf, on both paths
+        fast = _outcome(kserve_v2.decode_json_tensor, datatype, shape, data)
+        general = _outcome(_general_json_tensor, datatype, shape, data)
+    assert repr(fast) == repr(general)
+
+
+class _RefuseAll:
+    def decode(self, doc: bytes) -> Any:
+        raise ValueError("refused")
+
+
+def test_msgspec_bodies_decode_as_json_decodes(
+    http_proxy: RecordingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real bodies, and their mutations, decode the same through msgspec as through json."""
+    rnd = random.Random(99)
+    bodies: list[tuple[bytes, str | None]] = []
+    for ex in [_captured(http_proxy, b) for b in (False, True)]:
+        header = ex.request.header(kserve_v2.HEADER_LENGTH)
+        bodies.append((bytes(ex.request.body), header))
+        bodies += [(m, header) for m in _mutations(bytes(ex.request.body), rnd, 400)]
+    doc = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [%s]}]}'
+    for leaves in (b"1, 2.5, 1e400", b"NaN, 1, 2", b"1, true, 2", b'"\\ud800", 1, 2', b"1,2,3"):
+        bodies.append((doc % leaves, None))
+    bodies.append((b"\xef\xbb\xbf" + doc % b"1,2,3", None))  # a BOM: json takes it, msgspec not
+
+    def run() -> list[Any]:
+        out = []
+        for body, header in bodies:
+            try:
+                p = kserve_v2.decode_rest_request(body, header)
+            except kserve_v2.V2DecodeError as exc:
+                out.append(("error", str(exc)))
+                continue
+            tensors = {k: (v.dtype, v.shape, v.tolist()) for k, v in p.tensors.items()}
+            out.append((tensors, p.datatypes, p.parameters, p.problems, p.id))
+        return out
+
+    fast = run()
+    monkeypatch.setattr(kserve_v2, "_JSON", _RefuseAll())
+    assert repr(fast) == repr(run())  # repr: NaN equals NaN
+    assert sum(o[0] != "error" for o in fast) > 50  # many decoded, not only errors compared
