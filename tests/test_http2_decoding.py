@@ -4,7 +4,9 @@ truncated and lost, and exactly what the WireDecoder makes of them."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 
+import hpack
 from wire_streams import (
     CLIENT_COOKIE,
     SERVER_COOKIE,
@@ -18,7 +20,8 @@ from wire_streams import (
     stream_sends,
 )
 
-from infertap.agent.flows.records import Role, Sample
+from infertap.agent.flows.records import ConnectionId, Direction, Endpoint, Role, Sample
+from infertap.agent.protocols.http2 import Http2Connection
 from infertap.agent.protocols.messages import HttpExchange
 from infertap.agent.protocols.wire import WireDecoder
 
@@ -231,3 +234,28 @@ def test_flow_end_flushes_open_streams_as_truncated() -> None:
     client, server = wire_samples(wire)
     out, _ = run_connection(client, server)
     assert len(out) == 1 and out[0].request.path == "/svc/Open" and out[0].request.body_truncated
+
+
+def test_remembered_header_blocks_follow_the_dynamic_table() -> None:
+    """A repeated header block is looked up only while the HPACK table is as it was: the same
+    bytes (index 62, the newest entry) mean another header once a new entry moved the table."""
+    conn = Http2Connection(
+        ConnectionId(Endpoint("10.0.0.1", 1), Endpoint("10.0.0.2", 2)),
+        Counter(),
+        Counter(),
+        expect_responses=True,
+    )
+    decoder = conn.consumer(Direction.REQUEST)
+    enc = hpack.Encoder()
+    newest = b"\xbe"  # indexed header field 62: the newest dynamic entry
+    first = enc.encode([("x-a", "1")])  # literal with incremental indexing: adds x-a: 1
+    second = enc.encode([("x-b", "2")])  # adds x-b: 2, which is then index 62
+    reference = hpack.Decoder()
+    seen = []
+    for block in (first, newest, newest, second, newest, newest, first, newest):
+        expected = [(bytes(k), bytes(v)) for k, v in reference.decode(block, raw=True)]
+        got = decoder._decode_block(block)
+        assert got == expected
+        got.append((b"x-mutated", b"by the caller"))  # a caller's list is its own
+        seen.append(expected)
+    assert seen[1] == [(b"x-a", b"1")] and seen[4] == [(b"x-b", b"2")]

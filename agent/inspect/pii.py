@@ -540,6 +540,8 @@ class PiiScanner:
             out.extend(self.scan_text_findings(text, model, f"$.output_texts[{i}]"))
         for side, tensors in (("inputs", event.inputs), ("outputs", event.outputs)):
             for name, arr in tensors.items():
+                if np.asarray(arr).dtype.kind not in "OSU":
+                    continue  # numbers: no string elements, so nothing to find or locate
                 base = f"$.{side}" + self._key_component(name, self.scan_text(name))
                 for index, text in _string_elements(arr):
                     loc = base + "".join(f"[{i}]" for i in index)

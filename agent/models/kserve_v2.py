@@ -126,9 +126,14 @@ def parse_infer_path(path: str) -> tuple[str, str] | None:
 
 def element_count(shape: object) -> tuple[list[int], int]:
     """Validate a shape (a list of non-negative ints) and return it with its element count."""
-    if type(shape) is list and len(shape) <= MAX_DIMS and set(map(type, shape)) <= {int}:
-        if not shape or min(shape) >= 0:  # the usual case, checked at C speed
-            return list(shape), math.prod(shape)
+    # The usual case, checked at C speed: a list of at most MAX_DIMS non-negative ints.
+    if (
+        type(shape) is list
+        and len(shape) <= MAX_DIMS
+        and set(map(type, shape)) <= {int}
+        and (not shape or min(shape) >= 0)
+    ):
+        return list(shape), math.prod(shape)
     if not isinstance(shape, list | tuple):
         raise V2DecodeError("shape is not a list")
     if len(shape) > MAX_DIMS:

@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import hpack
+from hpack.table import HeaderTable
 from hyperframe.frame import (
     ContinuationFrame,
     Frame,
@@ -129,6 +130,31 @@ class _Mode(enum.Enum):
     LOST = "lost"  # framing lost: waiting for a send that starts with frames
 
 
+MAX_REMEMBERED_BLOCKS = 64  # per direction of a connection
+
+
+class _CountedTable(HeaderTable):
+    """hpack's header table, counting its changes: every insertion and resize gives it a new
+    generation, so equal generations mean an equal table (Http2StreamDecoder._decode_block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generation = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.generation += 1
+        super().add(name, value)
+
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @maxsize.setter
+    def maxsize(self, newmax: int) -> None:
+        self.generation += 1
+        HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
+
+
 class Http2StreamDecoder:
     """One direction of an HTTP/2 connection (a StreamConsumer)."""
 
@@ -140,9 +166,13 @@ class Http2StreamDecoder:
         self._mode = _Mode.PREFACE if is_client else _Mode.FRAMES
         self._preface_seen = 0
         self._hpack: hpack.Decoder = hpack.Decoder()
+        self._table = _CountedTable()
+        self._hpack.header_table = self._table
         # No SETTINGS tracking: allow any table size up to our own memory cap.
         self._hpack.max_allowed_table_size = MAX_TABLE_SIZE
         self.hpack_ok = True
+        # Decoded header blocks that left the table as it was, by (table generation, bytes).
+        self._decoded: dict[tuple[int, bytes], list[tuple[bytes, bytes]]] = {}
         # Header block being gathered (HEADERS or PUSH_PROMISE, then CONTINUATION frames).
         self._block: bytearray | None = None
         self._block_sid = 0
@@ -330,9 +360,7 @@ class Http2StreamDecoder:
             self._conn.lost("hpack_lost")  # this block's call is lost with the state
         else:
             try:
-                headers = [
-                    (bytes(k), bytes(v)) for k, v in self._hpack.decode(bytes(block), raw=True)
-                ]
+                headers = self._decode_block(bytes(block))
             except Exception as err:  # hpack raises HPACKError subclasses and a few others
                 self._stats["parse_errors"] += 1
                 self._conn.lost("parse_error")
@@ -344,6 +372,22 @@ class Http2StreamDecoder:
         self._conn.headers(
             self.direction, self._block_sid, headers, self._block_end_stream, self._block_ts
         )
+
+    def _decode_block(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """hpack's decode of a header block, remembered when the block did not change the
+        dynamic table. A peer's steady traffic repeats such blocks (every field indexed once
+        the first call put it in the table): decoding is then a function of the table's state,
+        which its generation names, and the block's bytes, so a repeat is looked up."""
+        key = (self._table.generation, block)
+        known = self._decoded.get(key)
+        if known is not None:
+            return list(known)  # a copy: callers keep and extend header lists
+        headers = [(bytes(k), bytes(v)) for k, v in self._hpack.decode(block, raw=True)]
+        if self._table.generation == key[0]:
+            if len(self._decoded) >= MAX_REMEMBERED_BLOCKS:
+                self._decoded.clear()
+            self._decoded[key] = list(headers)
+        return headers
 
     # -- gaps ------------------------------------------------------------------------------
 
@@ -406,6 +450,7 @@ class Http2StreamDecoder:
             self._stats["h2_hpack_lost"] += 1
             self.hpack_ok = False
             self._hpack = hpack.Decoder()  # drop the old table: it is never used again
+            self._decoded.clear()
 
 
 class Http2Connection:
