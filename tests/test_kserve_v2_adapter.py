@@ -1000,7 +1000,7 @@ def test_msgspec_bodies_decode_as_json_decodes(
     bodies.append((b"\xef\xbb\xbf" + doc % b"1,2,3", None))  # a BOM: json takes it, msgspec not
 
     def run() -> list[Any]:
-        out = []
+        out: list[Any] = []
         for body, header in bodies:
             try:
                 p = kserve_v2.decode_rest_request(body, header)
