@@ -7,6 +7,9 @@ import random
 from collections import Counter
 
 import hpack
+from hyperframe.frame import Frame
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wire_streams import (
     CLIENT_COOKIE,
     SERVER_COOKIE,
@@ -21,7 +24,7 @@ from wire_streams import (
 )
 
 from infertap.agent.flows.records import ConnectionId, Direction, Endpoint, Role, Sample
-from infertap.agent.protocols.http2 import Http2Connection
+from infertap.agent.protocols.http2 import Http2Connection, _plain_frame_ok
 from infertap.agent.protocols.messages import HttpExchange
 from infertap.agent.protocols.wire import WireDecoder
 
@@ -259,3 +262,28 @@ def test_remembered_header_blocks_follow_the_dynamic_table() -> None:
         got.append((b"x-mutated", b"by the caller"))  # a caller's list is its own
         seen.append(expected)
     assert seen[1] == [(b"x-a", b"1")] and seen[4] == [(b"x-b", b"2")]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    ftype=st.sampled_from([0x6, 0x8]),
+    length=st.sampled_from([0, 3, 4, 5, 8, 9]),
+    flags=st.integers(0, 255),
+    sid=st.sampled_from([0, 1, 7, 2**31 - 1, 2**31, 2**32 - 1]),
+    body=st.binary(min_size=9, max_size=9),
+    word=st.sampled_from([0, 1, 2**31 - 1, 2**31, 2**32 - 1]),
+)
+def test_ping_and_window_update_frames_pass_where_hyperframe_parses_them(
+    ftype: int, length: int, flags: int, sid: int, body: bytes, word: int
+) -> None:
+    payload = (word.to_bytes(4, "big") + body)[:length]
+    raw = memoryview(
+        length.to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
+    )
+    try:
+        frame, _ = Frame.parse_frame_header(raw[:9])
+        frame.parse_body(raw[9:])
+        parses = True
+    except Exception:
+        parses = False
+    assert _plain_frame_ok(raw, length) == parses

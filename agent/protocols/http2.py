@@ -64,6 +64,9 @@ _TYPE_DATA = 0x0
 _TYPE_HEADERS = 0x1
 _TYPE_PUSH_PROMISE = 0x5
 _TYPE_CONTINUATION = 0x9
+_TYPE_PING = 0x6
+_TYPE_WINDOW_UPDATE = 0x8
+_PLAIN_TYPES = frozenset({_TYPE_PING, _TYPE_WINDOW_UPDATE})  # change nothing we decode
 _HEADER_BEARING = frozenset({_TYPE_HEADERS, _TYPE_PUSH_PROMISE, _TYPE_CONTINUATION})
 _ON_STREAM = frozenset({0x0, 0x1, 0x2, 0x3, 0x5, 0x9})  # frames that need a stream id
 _ON_CONNECTION = frozenset({0x4, 0x6, 0x7})  # SETTINGS, PING, GOAWAY: stream 0 only
@@ -308,6 +311,8 @@ class Http2StreamDecoder:
             self._conn.end_stream(self.direction, self._data_sid, ts)
 
     def _control_frame(self, raw: memoryview, length: int, ts: int) -> None:
+        if raw[3] in _PLAIN_TYPES and _plain_frame_ok(raw, length):
+            return  # a well-formed PING or WINDOW_UPDATE: gRPC sends several per call
         frame: Frame
         try:
             frame, _ = Frame.parse_frame_header(raw[:FRAME_HEADER_LEN])
@@ -744,7 +749,9 @@ class Http2Connection:
         if headers is None:
             msg.headers_unknown = True
             return msg
-        msg.headers = [(_text(k).lower(), _text(v)) for k, v in headers]
+        msg.headers = [
+            (k.decode("utf-8", "replace").lower(), v.decode("utf-8", "replace")) for k, v in headers
+        ]
         for name, value in msg.headers:
             if name == ":method":
                 msg.method = value
@@ -878,6 +885,16 @@ def _status(headers: list[tuple[bytes, bytes]] | None) -> int:
         if name == b":status":
             return int(value) if value.isdigit() else 0
     return 0
+
+
+def _plain_frame_ok(raw: memoryview, length: int) -> bool:
+    """Whether hyperframe would parse this PING or WINDOW_UPDATE frame without an error (its
+    own checks, made here without building the frame). Neither changes the decoding state; a
+    frame that fails here goes through hyperframe, which counts the error as always."""
+    if raw[3] == _TYPE_PING:  # 8 bytes of opaque data, on stream 0
+        return length == 8 and not int.from_bytes(raw[5:9], "big") & 0x7FFFFFFF
+    # WINDOW_UPDATE: 4 bytes, the whole 32-bit word an increment in [1, 2^31 - 1]
+    return length == 4 and 1 <= int.from_bytes(raw[9:13], "big") <= 0x7FFFFFFF
 
 
 def _text(raw: bytes) -> str:
