@@ -322,3 +322,30 @@ def test_concurrent_findings_and_ticks() -> None:
     assert sorted(port.calls, key=lambda c: (c[1].ip, c[0])) == [
         ("block", Endpoint(f"10.0.{m}.{k}", 8000)) for m in range(4) for k in range(3)
     ]
+
+
+def test_circuits_of_names_not_seen_for_a_while_are_forgotten() -> None:
+    b, clock, _ = make()
+    svc = Endpoint("10.0.0.5", 8000)
+    for i in range(100):
+        b.note_service(f"junk-{i}", svc)
+    b.record(drift("alert", "fraud"), svc)  # open: an open circuit is never forgotten
+    clock.now += 601
+    b.note_service("live", svc)
+    b.tick()
+    assert set(b.states()) == {"fraud", "live"}
+
+
+def test_a_flood_of_names_keeps_the_breaker_bounded_and_spares_circuits_that_hold_hits() -> None:
+    clock, port = Clock(), Port()
+    b = CircuitBreaker(SETTINGS, ActionsSpec(), port, clock, clock, max_circuits=50)
+    svc = Endpoint("10.0.0.5", 8000)
+    b.record(pii("alert", "fraud"), svc)  # one PII hit of three: fraud holds state
+    for i in range(20_000):
+        b.note_service(f"junk-{i}", svc)
+    states = b.states()
+    assert len(states) == 50 and "fraud" in states
+    assert "junk-19999" in states and "junk-0" not in states  # the least recently seen went
+    b.record(pii("alert", "fraud"), svc)
+    events = b.record(pii("alert", "fraud"), svc)  # the third hit in the window still counts
+    assert moves(events) == [("fraud", CircuitState.CLOSED, CircuitState.OPEN)]

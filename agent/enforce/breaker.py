@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 # again when the model returns): model names come from clients, and one circuit per name ever
 # seen grew without bound. Never shorter than the PII window, whose hits it would lose.
 IDLE_S = 600.0
+# And at most this many circuits at once: a flood of distinct names within IDLE_S evicts the
+# least recently seen closed circuits that hold nothing (no PII hits in the window, no drift).
+MAX_CIRCUITS = 10_000
 
 
 class CircuitState(enum.IntEnum):
@@ -117,15 +120,17 @@ class CircuitBreaker:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         idle_s: float = IDLE_S,
+        max_circuits: int = MAX_CIRCUITS,
     ) -> None:
         self._settings = settings
         self._idle_s = idle_s
+        self._max_circuits = max_circuits
         self._actions = actions
         self._port = port
         self._clock = clock  # for cooldowns and windows: must not jump
         self._wall_clock = wall_clock  # for CircuitEvent.at only
         self._lock = threading.Lock()
-        self._circuits: dict[str, _Circuit] = {}
+        self._circuits: dict[str, _Circuit] = {}  # least recently seen first
 
     @classmethod
     def from_policy(
@@ -198,12 +203,21 @@ class CircuitBreaker:
     # --- logic (called with the lock held) ---
 
     def _circuit(self, model: str) -> _Circuit:
-        c = self._circuits.get(model)
+        c = self._circuits.pop(model, None)  # re-inserted last: the dict stays in seen order
         if c is None:
-            c = self._circuits[model] = _Circuit(
-                cooldown_s=self._settings.cooldown_s, last_seen=self._clock()
-            )
+            c = _Circuit(cooldown_s=self._settings.cooldown_s, last_seen=self._clock())
+            if len(self._circuits) >= self._max_circuits:
+                self._evict_one()
+        self._circuits[model] = c
         return c
+
+    def _evict_one(self) -> None:
+        """Forget the least recently seen circuit that holds nothing (closed, no PII hits in
+        the window, no drift at a tripping level); none such: keep them all."""
+        for model, c in self._circuits.items():
+            if c.state is CircuitState.CLOSED and not c.pii_times and not c.drift_alerts:
+                del self._circuits[model]
+                return
 
     def _add_service(self, model: str, c: _Circuit, service: Endpoint) -> None:
         if service in c.services:
