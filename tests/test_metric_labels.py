@@ -247,6 +247,27 @@ def test_safe_names_redact_and_bound() -> None:
         assert safe_path(f"/v2/models/{encoded}/infer") == "/v2/models/<email:j***@e***.com>/infer"
 
 
+REAL_NAMES = [
+    "gpt-4o-2024-08-06",
+    "llama-3.1-8b-instruct",
+    "resnet50_v1.5",
+    "mistral-7b-instruct-v0.2",
+    "claude-3-5-sonnet-20241022",
+    "Qwen2.5-72B-Instruct",
+    "text-embedding-3-small",
+    "yolov8n-640x640",
+    "fraud-6b8f9",
+    "v1.2.3",
+    "2.1.0.post1",
+    "20240115",
+    "sha256:abcdef0123",
+]
+
+
+def test_real_model_names_and_versions_are_left_as_they_are() -> None:
+    assert [safe_name(n) for n in REAL_NAMES] == REAL_NAMES
+
+
 def _raw_leaks(text: str) -> list[str]:
     return [raw for raw in (EMAIL, CARD, "jane.doe") if raw in text]
 
