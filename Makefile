@@ -34,6 +34,7 @@ bench:
 	scripts/system-deps.sh bench
 	scripts/venv.sh
 	$(PY) -m benchmarks.datapath
+	$(PY) -m benchmarks.h2walk
 	$(PY) -m benchmarks.polyfill
 	$(PY) -m benchmarks.inspector
 	$(PY) -m benchmarks.tls

@@ -323,6 +323,12 @@ class Sensor:
         with self._lock:
             self._update_config(accelerate=1 if on else 0)
 
+    def set_http2_frames(self, on: bool) -> None:
+        """Walk HTTP/2 frames in skb capture (header blocks kept whole) for flows detected from
+        now on; off, HTTP/2 flows are sampled like any other (the benchmark's control row)."""
+        with self._lock:
+            self._update_config(h2_walk=1 if on else 0)
+
     def set_verdicts_active(self, count: int) -> None:
         with self._lock:
             self._update_config(verdicts_active=count)

@@ -309,3 +309,40 @@ def test_a_service_verdict_reaches_open_connections_before_the_block_call_return
         assert got.data == payload(100, 4)
     for p in [*peers, late]:
         p.close()
+
+
+def test_skb_capture_keeps_offsets_exact_through_retransmits(agent: Any, lab: Any) -> None:
+    """A token bucket on the client pod's interface drops what overflows it, after the egress
+    hook saw it: TCP retransmits those bytes, the kernel skips skbs it has seen whole, and
+    every sample still holds the bytes at its offset, with no byte counted twice or missed."""
+    client, server = lab.pods["client"], lab.pods["server"]
+    port = 8109
+    start_server(server, port)
+    peer = start_client(client, server.ip, port)
+    shaper = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "100mbit"]
+    done = client.run([*shaper, "burst", "16kb", "limit", "24kb"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    try:
+        before = agent.sensor.stats()["retransmits"]
+        sent = b""
+        for seed in range(4):
+            assert peer.cmd(f"send {1 << 20} {seed}") == f"ok {1 << 20}"
+            sent += payload(1 << 20, seed)
+        flow = client_flow(agent, server.ip, port)
+        peer.close()
+        end = agent.recorder.wait_for(lambda: agent.recorder.end_of(flow.cookie), timeout=30)
+    finally:
+        client.run(["tc", "qdisc", "del", "dev", "eth0", "root"], capture_output=True)
+    assert agent.sensor.stats()["retransmits"] > before  # TCP did retransmit
+    assert (end.flow.stream_bytes, end.flow.bytes, end.flow.unseen_bytes) == (
+        len(sent),
+        len(sent),
+        0,
+    )
+    samples = agent.recorder.samples_of(flow.cookie)
+    pos = 0
+    for s in sorted(samples, key=lambda s: s.offset):
+        assert s.data == sent[s.offset : s.offset + len(s.data)]
+        assert s.offset <= pos
+        pos = max(pos, s.end)
+    assert pos == len(sent)
