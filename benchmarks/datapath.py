@@ -10,6 +10,9 @@ run:
                  thread in this process); sockets stay out of the sockhash
   agent_sk_msg   the same with sk_msg capture: every socket in the sockhash, the first 4 KiB of
                  every message sampled by sk_msg
+  agent_unsampled  skb capture with no flow sampled (sample_one_in 0): the programs run, look the
+                 flow up and count, but nothing goes to the ring; against `agent` it shows what
+                 the ring copy and the reader cost, against `none` what the per-skb work costs
   agent_verdict  skb capture, and the measured flows in the sockhash as a verdict puts them there
                  (a flow verdict on another connection keeps verdict lookups on): what a flow a
                  verdict targets, but does not block, pays
@@ -27,6 +30,13 @@ otherwise flips between same-CPU and cross-CPU wakeups) and an iperf3 bulk trans
 received bits per second, unpinned); the table shows the median of the rounds.
 
 Run as root: .venv/bin/python -m benchmarks.datapath [--seconds N] [--rounds N] [--json]
+
+--json prints {seconds, rounds, message_bytes, latency_cpu, cpus, kernel, configs: [{config,
+label, median: {p50_us, p99_us, gbps}, ratio: {p50, p99, throughput}, rounds: [...]}],
+agent_counters (the default agent's), agent_counters_by_config, agent_capture,
+agent_reader_error, valid, sidecar_redirected, verdict_flows_joined, targets, accel_redirected}.
+Config keys: none, agent (the default capture), agent_sk_msg, agent_unsampled, agent_verdict,
+accel, sidecar. Keys are only ever added.
 Exit status 1 when the run is not valid (the agent took no samples, or the sidecar's rules
 redirected nothing); PASS/MISS against the targets does not change it.
 Traffic stays between the Lab's namespaces (and loopback inside one); iptables rules are only
@@ -322,7 +332,12 @@ class Config:
 
 @contextlib.contextmanager
 def started_agent(
-    client: Pod, server: Pod, accelerate: bool = False, capture: str | None = None
+    client: Pod,
+    server: Pod,
+    accelerate: bool = False,
+    capture: str | None = None,
+    sample_one_in: int | None = None,
+    extra_ports: tuple[int, ...] = (),
 ) -> Iterator[Any]:
     from infertap.agent.runtime import Agent, AgentOptions
 
@@ -332,11 +347,12 @@ def started_agent(
             # The built-in policy watches only well-known model-serving ports (8000, 8001, ...);
             # name ours, as a deployment names its model ports. Sampling stays the default:
             # every flow, the first 4 KiB of every message.
-            ports=SERVICE_PORTS,
+            ports=SERVICE_PORTS + extra_ports,
             metrics_addr=None,
             api_addr=None,
             accelerate=accelerate,
             capture=capture,
+            sample_one_in=sample_one_in,
         )
     )
     agent.start()  # stops itself if starting fails
@@ -363,9 +379,16 @@ class VerdictJoiner:
         self._client = client
 
     def start(self) -> None:
-        # One idle connection to the sockperf port carries the verdict that keeps lookups on.
+        # One idle connection of its own carries the verdict that keeps lookups on (sockperf's
+        # and iperf3's servers stop answering others while a client sits idle on them).
+        listener = self.server.popen(
+            ["python3", "-c", LISTENER_SCRIPT, str(HOLD_PORT)], stdout=subprocess.PIPE, text=True
+        )
+        assert listener.stdout is not None
+        if listener.stdout.readline().strip() != "ready":
+            raise BenchError("the verdict holder's listener did not start")
         self._holder = self._client.popen(
-            ["python3", "-c", HOLDER_SCRIPT, self.server.ip, str(SOCKPERF_PORT)],
+            ["python3", "-c", HOLDER_SCRIPT, self.server.ip, str(HOLD_PORT)],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -374,7 +397,7 @@ class VerdictJoiner:
             raise BenchError("the verdict holder connection did not open")
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            held = [f for f in self.agent.flows() if f.remote.port == SOCKPERF_PORT]
+            held = [f for f in self.agent.flows() if f.remote.port == HOLD_PORT]
             if held:
                 self.agent.verdicts.block_flow(held[0].cookie, "benchmark: verdicts active")
                 self.joined.add(held[0].cookie)
@@ -400,6 +423,18 @@ class VerdictJoiner:
         # the holder belongs to the client pod; Lab.close() kills it
 
 
+HOLD_PORT = 11112  # the verdict holder's connection (watched by the verdict row's agent only)
+# Accepts connections and keeps them open, idle, until killed.
+LISTENER_SCRIPT = (
+    "import socket, sys, time\n"
+    "s = socket.socket()\n"
+    "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind(('0.0.0.0', int(sys.argv[1])))\n"
+    "s.listen(4)\n"
+    "print('ready', flush=True)\n"
+    "held = [s.accept() for _ in range(1)]\n"
+    "time.sleep(1e9)\n"
+)
 # An idle TCP connection that stays open until killed (the verdict holder).
 HOLDER_SCRIPT = (
     "import socket, sys, time\n"
@@ -415,13 +450,16 @@ def run(seconds: int, rounds: int, outbound: bool, cpu: int | None) -> dict[str,
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="itap-bench-")))
         pods = {
             k: (lab.add_pod(f"{k}-c"), lab.add_pod(f"{k}-s"))
-            for k in ("none", "agent", "skmsg", "verd", "accel", "sc")
+            for k in ("none", "agent", "skmsg", "unsmp", "verd", "accel", "sc")
         }
 
         log("starting the agents (each compiles the BPF programs) ...")
         agent = stack.enter_context(started_agent(*pods["agent"]))
         sk_msg_agent = stack.enter_context(started_agent(*pods["skmsg"], capture="sk_msg"))
-        verdict_agent = stack.enter_context(started_agent(*pods["verd"], capture="skb"))
+        stack.enter_context(started_agent(*pods["unsmp"], capture="skb", sample_one_in=0))
+        verdict_agent = stack.enter_context(
+            started_agent(*pods["verd"], capture="skb", extra_ports=(HOLD_PORT,))
+        )
         accel_agent = stack.enter_context(started_agent(*pods["accel"], accelerate=True))
         for _, server in pods.values():
             start_servers(server, cpu)
@@ -440,6 +478,7 @@ def run(seconds: int, rounds: int, outbound: bool, cpu: int | None) -> dict[str,
                 *pods["agent"],
             ),
             Config("agent_sk_msg", "agent, sk_msg capture, sample every message", *pods["skmsg"]),
+            Config("agent_unsampled", "agent, skb capture, nothing sampled", *pods["unsmp"]),
             Config(
                 "agent_verdict",
                 "agent, skb capture, flows in the sockhash for a verdict",
