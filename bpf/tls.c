@@ -10,42 +10,22 @@
  * table (intercepted by sockops in a watched cgroup) produce records: calls on anything else are
  * counted and dropped.
  *
- * Shares three maps with bpf/intercept.c (its exported flow table, config and ring buffer), so it
- * must be loaded after it in the same process (agent/kernel/tls.py).
- *
  * Same rules as intercept.c: nothing here waits on userspace; a full ring or a missing flow is
  * counted and the application's call goes on untouched (uprobes cannot change it anyway).
  */
+/* Compiled after intercept.c as one BPF object (agent/kernel/sensor.py joins the two files), so
+ * these programs use its flow table, config, ring buffer, sample structs and itap_bound directly.
+ * Not a separate BCC module: BCC's cross-module "extern" tables are resolved by name in a
+ * process-wide registry where the first exporter wins and a closed one leaves a stale entry.
+ * Loading and attaching are the TLS unit's (agent/kernel/tls.py), only when it starts. */
 #include <uapi/linux/ptrace.h>
-#include <uapi/linux/bpf.h>
-#include "infertap.h"
 
-#ifndef ITAP_MAX_FLOWS
-#define ITAP_MAX_FLOWS 65536
-#endif
 #ifndef ITAP_SKC_FAMILY_OFF
 #define ITAP_SKC_FAMILY_OFF 16
 #endif
 
-#define ITAP_AF_INET 2
-#define ITAP_AF_INET6 10
-
 #define ITAP_TLS_OP_WRITE 1
 #define ITAP_TLS_OP_READ 2
-
-/* The maps bpf/intercept.c exports. */
-BPF_TABLE("extern", struct itap_flow_key, struct itap_flow, itap_flows, ITAP_MAX_FLOWS);
-BPF_TABLE("extern", u32, struct itap_config, itap_config, 1);
-struct itap_events_table_t {
-    int key;
-    u32 leaf;
-    int (*ringbuf_output)(void *, u64, u64);
-    void *(*ringbuf_reserve)(u64);
-    void (*ringbuf_discard)(void *, u64);
-    void (*ringbuf_submit)(void *, u64);
-    u32 max_entries;
-};
-__attribute__((section("maps/extern"))) struct itap_events_table_t itap_events = {.max_entries = 0};
 
 /* A TLS call in progress, per thread (pid_tgid). */
 struct itap_tls_call {
@@ -73,19 +53,6 @@ BPF_HASH(itap_tls_calls, u64, struct itap_tls_call, 16384);
 BPF_TABLE("lru_hash", struct itap_tls_ssl, struct itap_flow_key, itap_tls_sockets, 65536);
 BPF_TABLE("lru_hash", u64, struct itap_tls_stream, itap_tls_streams, ITAP_MAX_FLOWS);
 BPF_PERCPU_ARRAY(itap_tls_stats, u64, ITAP_TLS_STAT_COUNT);
-
-struct itap_sample_small {
-    struct itap_record rec;
-    u8 data[ITAP_SAMPLE_SMALL];
-};
-struct itap_sample_medium {
-    struct itap_record rec;
-    u8 data[ITAP_SAMPLE_MEDIUM];
-};
-struct itap_sample_max {
-    struct itap_record rec;
-    u8 data[ITAP_SAMPLE_MAX];
-};
 
 static __always_inline void tls_stat(u32 idx, u64 n)
 {
@@ -169,17 +136,12 @@ static __always_inline int on_socket_io(void *sk)
     return 0;
 }
 
-RAW_TRACEPOINT_PROBE(sock_send_length) { return on_socket_io((void *)ctx->args[0]); }
-RAW_TRACEPOINT_PROBE(sock_recv_length) { return on_socket_io((void *)ctx->args[0]); }
+/* Raw tracepoints sock_send_length / sock_recv_length: args[0] is the struct sock. Not named
+ * raw_tracepoint__*, which BCC would attach as soon as the object loads. */
+int itap_tls_sock_send(struct bpf_raw_tracepoint_args *ctx) { return on_socket_io((void *)ctx->args[0]); }
+int itap_tls_sock_recv(struct bpf_raw_tracepoint_args *ctx) { return on_socket_io((void *)ctx->args[0]); }
 
 /* ---- return: copy the plaintext ------------------------------------------------------------ */
-
-#define itap_bound(n, max)                  \
-    do {                                    \
-        asm volatile("" : "+r"(n));         \
-        if ((n) > (max))                    \
-            (n) = (max);                    \
-    } while (0)
 
 static __always_inline void fill(struct itap_record *rec, struct itap_flow *flow, u8 role,
                                  u64 offset, u32 size, u32 cap, u8 flags)

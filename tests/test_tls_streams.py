@@ -24,38 +24,18 @@ CLIENT_COOKIE, SERVER_COOKIE = 501, 502
 
 
 def flow_record(kind: int, cookie: int, role: int, ts: int) -> bytes:
+    """A flow record as the kernel writes it, built from the ctypes mirror of struct itap_flow
+    (so it follows the header's layout)."""
     local, remote = (CLIENT_IP, CPORT), (SERVER_IP, SPORT)
     if role == structs.ROLE_SERVER:
         local, remote = remote, local
-    lip = socket.inet_aton(local[0]) + b"\0" * 12
-    rip = socket.inet_aton(remote[0]) + b"\0" * 12
-    head = decode.RECORD.pack(kind, 0, ts, cookie, 0, 0, role, 0, 0)
-    body = decode.FLOW.pack(
-        cookie,
-        7,
-        ts,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        2,
-        0,
-        local[1],
-        remote[1],
-        lip,
-        rip,
-        0,
-        role,
-        1,
-        1,
-        0,
-        0,
-    )
-    return head + body
+    flow = structs.Flow()
+    flow.cookie, flow.cgroup_id, flow.start_ns, flow.role, flow.sampled = cookie, 7, ts, role, 1
+    flow.key.family = socket.AF_INET
+    flow.key.local_port, flow.key.remote_port = local[1], remote[1]
+    flow.key.local_ip[0] = int.from_bytes(socket.inet_aton(local[0]), "little")
+    flow.key.remote_ip[0] = int.from_bytes(socket.inet_aton(remote[0]), "little")
+    return decode.RECORD.pack(kind, 0, ts, cookie, 0, 0, role, 0, 0) + bytes(flow)
 
 
 def sample_record(

@@ -28,7 +28,7 @@ from typing import Any
 
 from infertap.agent.defaults import DEFAULT_CAPTURE, DEFAULT_RUN_DIR, DEFAULT_SAMPLE_BYTES
 from infertap.agent.flows.records import FlowInfo
-from infertap.agent.kernel import bpfsys, btf, cgroups, decode, structs
+from infertap.agent.kernel import bpfsys, btf, cgroups, decode, structs, tls
 from infertap.agent.kernel.attach import CgroupAttachments
 from infertap.agent.kernel.headers import HeaderTree, find_headers, point_bcc_at
 from infertap.agent.kernel.instances import RegistryUnreadable, shared_registry
@@ -139,6 +139,7 @@ class Sensor:
         cflags = [
             f"-I{structs.BPF_DIR}",
             *self._write_seq_cflags(),
+            *tls.tls_cflags(),
             f"-DITAP_RING_PAGES={self.options.ring_pages}",
             f"-DITAP_MAX_FLOWS={self.options.max_flows}",
             "-Wno-macro-redefined",
@@ -146,7 +147,12 @@ class Sensor:
         ]
         t0 = time.monotonic()
         try:
-            self._bpf = BPF(src_file=str(structs.BPF_DIR / "intercept.c").encode(), cflags=cflags)
+            # One object for interception and TLS plaintext (bpf/tls.c uses intercept.c's maps;
+            # BCC takes programs only from the main source, so the two files are joined here).
+            source = "\n".join(
+                (structs.BPF_DIR / name).read_text() for name in ("intercept.c", "tls.c")
+            )
+            self._bpf = BPF(text=source.encode(), cflags=cflags)
             self._sockops = self._bpf.load_func(b"itap_sockops", BPF.SOCK_OPS)
             self._msg = self._bpf.load_func(b"itap_msg", BPF.SK_MSG)
             self._skb = self._bpf.load_func(b"itap_skb_egress", BPF.CGROUP_SKB)
@@ -282,6 +288,12 @@ class Sensor:
             table = self._bpf.get_table(name.encode(), keytype=key, leaftype=leaf)
             self._tables[cache_key] = table
         return table
+
+    @property
+    def bpf(self) -> Any:
+        """The BCC object (None before start and after close): the TLS unit attaches its
+        programs, which intercept.c includes, from it."""
+        return self._bpf
 
     @property
     def ring_fd(self) -> int:

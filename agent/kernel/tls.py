@@ -1,6 +1,6 @@
 """TLS plaintext capture: bpf/tls.c loaded as its own unit, and the uprobes it needs.
 
-    with TlsUnit(sensor) as tls:   # after sensor.start(): shares its flow table, config, ring
+    with TlsUnit(sensor) as tls:   # after sensor.start(): its programs are in the sensor's object
         ...                        # a thread scans the watched cgroups' processes for TLS
                                    # libraries and hooks each library file once
                                    # leaving the block closes every uprobe and tracepoint
@@ -17,7 +17,9 @@ table, so a process outside the watched cgroups that shares the file pays the up
 grpcio links BoringSSL statically into its cygrpc extension, and the wheels strip its symbols:
 such a library is counted (`libraries_stripped`) and its traffic stays encrypted to us.
 
-Uprobes are perf events held by this process's file descriptors: closing them (on close, or when
+The programs are compiled into the sensor's object (intercept.c includes bpf/tls.c) and
+verified when this unit starts; this unit owns only the attachments. Uprobes are perf events held
+by this process's file descriptors: closing them (on close, or when
 the process dies) removes them from the kernel. BCC's own uprobe detach also writes to tracefs's
 uprobe_events, which is not mounted here, so the descriptors are closed directly.
 """
@@ -28,7 +30,6 @@ import logging
 import os
 import re
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,13 +48,32 @@ OPENSSL_PROBES = (
     ("SSL_read_ex", "itap_tls_read_ex_enter"),
 )
 RETURN_PROGRAM = "itap_tls_return"
-TRACEPOINTS = ("sock_send_length", "sock_recv_length")
+TRACEPOINTS = (
+    ("sock_send_length", "itap_tls_sock_send"),
+    ("sock_recv_length", "itap_tls_sock_recv"),
+)
 OPENSSL_FILE = re.compile(r"/libssl\.so\.3$")
 GRPC_BORINGSSL_FILE = re.compile(r"/cygrpc\.cpython-[^/]*\.so$")
 
 
 class TlsError(RuntimeError):
     """The TLS unit cannot start; the message is one line for the user."""
+
+
+def tls_cflags() -> list[str]:
+    """Compiler flags for bpf/tls.c (part of intercept.c's object): where struct sock_common
+    keeps the family and the IPv6 addresses in the running kernel, from its BTF."""
+    flags = []
+    for member, macro in (
+        ("skc_family", "ITAP_SKC_FAMILY_OFF"),
+        ("skc_v6_daddr", "ITAP_SKC_V6_DADDR_OFF"),
+        ("skc_v6_rcv_saddr", "ITAP_SKC_V6_RCV_SADDR_OFF"),
+    ):
+        try:
+            flags.append(f"-D{macro}={btf.member_offset('sock_common', member)}")
+        except btf.BtfError as exc:
+            log.warning("TLS capture: %s not found in the kernel's BTF: %s", member, exc)
+    return flags
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,76 +119,61 @@ class TlsUnit:
         self.counters: Counter[str] = Counter()
         self._bpf: Any = None
         self._tracepoints: list[str] = []
+        self._uprobes: list[bytes] = []  # BCC event names of this unit's uprobes
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # attach from the scanner vs close
-        self.compile_seconds = 0.0
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.sensor.headers is None:
-            raise TlsError("the TLS unit needs a started sensor (it shares its maps)")
+        b = self.sensor.bpf
+        if b is None:
+            raise TlsError("the TLS unit needs a started sensor (its programs are in its object)")
+        from bcc import BPF
+
         try:
-            self._compile()  # BCC attaches the RAW_TRACEPOINT_PROBE programs as it loads them
-            missing = [tp for tp in TRACEPOINTS if tp.encode() not in self._bpf.raw_tracepoint_fds]
-            if missing:
-                raise TlsError(f"raw tracepoints not attached: {', '.join(missing)}")
-            self._tracepoints = list(TRACEPOINTS)
+            # Verified now, so a program the kernel refuses is one clear error at start, not
+            # a library that looks stripped later.
+            for _sym, entry in OPENSSL_PROBES:
+                b.load_func(entry.encode(), BPF.KPROBE)
+            b.load_func(RETURN_PROGRAM.encode(), BPF.KPROBE)
+            for tp, fn in TRACEPOINTS:
+                b.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
+                self._tracepoints.append(tp)
         except Exception as exc:
             self.close()
             raise TlsError(f"could not load the TLS programs: {exc}") from exc
+        self._bpf = b
         self.scan()
         self._thread = threading.Thread(target=self._scan_loop, name="tls-scan", daemon=True)
         self._thread.start()
 
-    def _compile(self) -> None:
-        from bcc import BPF
-
-        cflags = [
-            f"-I{structs.BPF_DIR}",
-            f"-DITAP_MAX_FLOWS={self.sensor.options.max_flows}",
-            "-Wno-macro-redefined",
-        ]
-        for member, macro in (
-            ("skc_family", "ITAP_SKC_FAMILY_OFF"),
-            ("skc_v6_daddr", "ITAP_SKC_V6_DADDR_OFF"),
-            ("skc_v6_rcv_saddr", "ITAP_SKC_V6_RCV_SADDR_OFF"),
-        ):
-            try:
-                cflags.append(f"-D{macro}={btf.member_offset('sock_common', member)}")
-            except btf.BtfError as exc:
-                if member == "skc_family":
-                    raise TlsError(
-                        f"cannot find struct sock_common in the kernel's BTF: {exc}"
-                    ) from exc
-                log.warning("TLS capture on IPv4 sockets only: %s", exc)
-        t0 = time.monotonic()
-        self._bpf = BPF(src_file=str(structs.BPF_DIR / "tls.c").encode(), cflags=cflags)
-        self.compile_seconds = time.monotonic() - t0
-
     def close(self) -> None:
-        """Remove every uprobe and tracepoint, release the programs. Safe to call twice."""
+        """Remove this unit's uprobes and tracepoints (the programs stay with the sensor's
+        object, which releases them). Safe to call twice."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
         with self._lock:
-            b, self._bpf = self._bpf, None
+            b = self.sensor.bpf
+            self._bpf = None
             if b is None:
                 return
             from bcc import lib
 
-            for ev_name, fd in list(b.uprobe_fds.items()):
-                lib.bpf_close_perf_event_fd(fd)
-                del b.uprobe_fds[ev_name]
+            for ev_name in self._uprobes:
+                fd = b.uprobe_fds.pop(ev_name, None)
+                if fd is not None:
+                    lib.bpf_close_perf_event_fd(fd)
+            self._uprobes.clear()
             for tp in self._tracepoints:
                 try:
                     b.detach_raw_tracepoint(tp=tp.encode())
                 except Exception as exc:
                     log.debug("raw tracepoint %s detach: %s", tp, exc)
             self._tracepoints.clear()
-            b.cleanup()
 
     def __enter__(self) -> TlsUnit:
         self.start()
@@ -224,12 +229,13 @@ class TlsUnit:
                 return TlsLibrary(kind, path, host_path, key[0], key[1], False)
             for sym, entry in OPENSSL_PROBES:
                 try:
-                    b.attach_uprobe(
-                        name=host_path.encode(), sym=sym.encode(), fn_name=entry.encode()
-                    )
-                    b.attach_uretprobe(
-                        name=host_path.encode(), sym=sym.encode(), fn_name=RETURN_PROGRAM.encode()
-                    )
+                    name, symbol = host_path.encode(), sym.encode()
+                    before = set(b.uprobe_fds)
+                    try:
+                        b.attach_uprobe(name=name, sym=symbol, fn_name=entry.encode())
+                        b.attach_uretprobe(name=name, sym=symbol, fn_name=RETURN_PROGRAM.encode())
+                    finally:  # this unit owns what it attached, even half a pair
+                        self._uprobes += [ev for ev in b.uprobe_fds if ev not in before]
                     hooked += 1
                 except Exception as exc:  # the symbol is not there (stripped, or not OpenSSL 3)
                     log.debug("no uprobe on %s in %s: %s", sym, path, exc)
@@ -250,8 +256,7 @@ class TlsUnit:
 
     @property
     def uprobe_count(self) -> int:
-        b = self._bpf
-        return len(b.uprobe_fds) if b is not None else 0
+        return len(self._uprobes)
 
     def stats(self) -> dict[str, int]:
         """Kernel counters (calls, bytes, samples, ...) and the library counts."""

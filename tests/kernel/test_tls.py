@@ -17,7 +17,6 @@ import pytest
 from support import needs_root
 
 from infertap.agent.api.tls import make_dev_ca
-from infertap.agent.kernel.tls import TlsUnit, mapped_tls_files
 from infertap.agent.testbed.v2server import start_in_pod
 
 pytestmark = [needs_root, pytest.mark.kernel]
@@ -174,34 +173,30 @@ def test_grpc_over_tls_uses_stripped_boringssl_and_is_counted(agent: Any, tls_po
     assert after == before
 
 
-def bpftool_uprobes(pid: int) -> list[dict[str, Any]]:
+def bpftool_perf(pid: int) -> list[dict[str, Any]]:
+    """Perf-event attachments this process holds, as the kernel reports them."""
     out = subprocess.run(["bpftool", "-j", "perf", "list"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    return [
-        p
-        for p in json.loads(out.stdout or "[]")
-        if p.get("pid") == pid and p.get("fd_type") in ("uprobe", "uretprobe")
-    ]
+    return [p for p in json.loads(out.stdout or "[]") if p.get("pid") == pid]
 
 
 def test_detach_leaves_no_uprobe_in_the_kernel(agent: Any, tls_pods: Any) -> None:
     import os
 
-    deadline = time.monotonic() + 5  # the shared unit hooks the server's libssl on its scan
+    deadline = time.monotonic() + 5  # the unit hooks the server's libssl on its scan
     while agent.tls.uprobe_count < 8 and time.monotonic() < deadline:
         time.sleep(0.05)
-    before = bpftool_uprobes(os.getpid())
-    unit = TlsUnit(agent.sensor)  # a second unit on the same maps, so the shared one stays
-    unit.start()
-    try:
-        assert any(kind == "openssl" for pid in unit._pids() for kind, _ in mapped_tls_files(pid))
-        assert unit.uprobe_count == 8  # 4 functions x (entry + return) on one libssl file
-        during = bpftool_uprobes(os.getpid())
-        assert len(during) == len(before) + 8
-        assert any("libssl.so.3" in p.get("filename", "") for p in during)
-    finally:
-        unit.close()
-    assert unit.uprobe_count == 0
-    # What the kernel holds is what it held before: none of this unit's uprobes is left.
-    after = bpftool_uprobes(os.getpid())
-    assert sorted(p["prog_id"] for p in after) == sorted(p["prog_id"] for p in before)
+    assert agent.tls.uprobe_count == 8  # 4 functions x (entry + return) on one libssl file
+    held = bpftool_perf(os.getpid())
+    probes = [p for p in held if p.get("fd_type") in ("uprobe", "uretprobe")]
+    assert len(probes) == 8 and all("libssl.so.3" in p.get("filename", "") for p in probes)
+    tps = {p.get("tracepoint") for p in held if p.get("fd_type") == "raw_tracepoint"}
+    assert {"sock_send_length", "sock_recv_length"} <= tps
+    agent.stop_tls()
+    left = bpftool_perf(os.getpid())
+    assert [p for p in left if p.get("fd_type") in ("uprobe", "uretprobe")] == []
+    assert not {"sock_send_length", "sock_recv_length"} & {p.get("tracepoint") for p in left}
+    # And it comes back: the programs stay verified in the sensor's object.
+    unit = agent.start_tls()
+    assert unit.uprobe_count == 8
+    agent.stop_tls()
