@@ -53,10 +53,6 @@ BPF_HASH(itap_svc_verdicts, struct itap_service_key, u32, ITAP_MAX_VERDICTS);
 BPF_ARRAY(itap_config, struct itap_config, 1);
 BPF_PERCPU_ARRAY(itap_stats, u64, ITAP_STAT_COUNT);
 BPF_RINGBUF_OUTPUT(itap_events, ITAP_RING_PAGES);
-/* Exported to bpf/tls.c (loaded after this module, in the same process). */
-__attribute__((section("maps/export"))) struct itap_flows_table_t __itap_flows;
-__attribute__((section("maps/export"))) struct itap_config_table_t __itap_config;
-__attribute__((section("maps/export"))) struct itap_events_table_t __itap_events;
 
 struct itap_sample_small {
     struct itap_record rec;
