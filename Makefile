@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SHELL := /bin/bash
 
-.PHONY: setup demo test lint unit kernel bench clean
+.PHONY: setup demo test lint unit kernel bench image clean
 
 setup:
 	scripts/system-deps.sh
@@ -29,6 +29,11 @@ unit: setup
 
 kernel: setup
 	$(PYTEST) -q -m kernel
+
+# The agent image (localhost/infertap/agent:0.1.0) from Debian packages and this checkout, with
+# podman, no registry: see scripts/build-image.sh. tests/kernel/test_container.py runs it.
+image: setup
+	scripts/build-image.sh
 
 bench:
 	scripts/system-deps.sh bench

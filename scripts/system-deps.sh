@@ -15,6 +15,9 @@ packages=(
   iptables               # tests assert that infertap leaves the nat table alone
   ruby                   # tests/test_manifests.py checks the Vagrantfile with `ruby -c`
   prometheus             # promtool unit-tests the alert and recording rules; a real server in the demo
+  mmdebstrap             # make image: the image's Debian root file system, from the host's apt sources
+  podman                 # make image builds the agent image; tests run the DaemonSet's container
+  runc                   # podman's runtime here (crun refuses hybrid cgroup hierarchies)
 )
 if [ "${1:-}" = "bench" ]; then
   packages+=(sockperf iperf3 haproxy)

@@ -364,7 +364,7 @@ def test_capabilities_overlay_changes_only_the_security_context(
     assert sc["privileged"] is False
     assert sc["capabilities"] == {
         "drop": ["ALL"],
-        "add": ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"],
+        "add": ["BPF", "PERFMON", "NET_ADMIN", "SYSLOG", "SYS_ADMIN"],
     }
     # Everything else is the base, unchanged.
     stripped = copy.deepcopy(overlay)
@@ -385,7 +385,13 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 def test_dockerfile() -> None:
     instructions = dockerfile_instructions()
-    froms = [arg for op, arg in instructions if op == "FROM"]
+    # `ARG BASE=debian:12-slim` then `FROM ${BASE}`: the default base is what docker uses.
+    args = dict(arg.split("=", 1) for op, arg in instructions if op == "ARG" and "=" in arg)
+    froms = [
+        args.get(arg.strip("${}"), arg) if arg.startswith("$") else arg
+        for op, arg in instructions
+        if op == "FROM"
+    ]
     assert froms and all(
         f.startswith("debian:12") or f.startswith("debian:bookworm") for f in froms
     )
@@ -393,7 +399,7 @@ def test_dockerfile() -> None:
     for package in ("python3-bpfcc", "bpftool", "iproute2"):
         assert f" {package} " in f" {runs} ", package
     assert "/usr/bin/python3 -m venv --system-site-packages /opt/infertap" in runs
-    assert "/opt/infertap/bin/pip install --no-cache-dir ." in runs
+    assert "/opt/infertap/bin/pip install --no-cache-dir $PIP_OPTIONS ." in runs
     # Never PyPI's unrelated `bcc`: no pip install names a package called bcc.
     for command in runs.split("&&"):
         words = command.split()
@@ -410,3 +416,72 @@ def test_vagrantfile_is_valid_ruby() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Syntax OK" in result.stdout
+
+
+# --- podman run, derived from the manifests (tests/podman_manifest.py) -------------------------
+
+
+def test_podman_args_follow_the_privileged_daemonset(base: list[Obj], tmp_path: Path) -> None:
+    from podman_manifest import podman_run_args
+
+    configmap = next(o for o in base if o["kind"] == "ConfigMap")["metadata"]["name"]
+    argv = podman_run_args(
+        base,
+        name="t",
+        image="infertap/agent:0.1.0",
+        netns="/run/netns/pod",
+        config_dirs={configmap: tmp_path},
+        node_name="node-1",
+        env_override={"INFERTAP_KUBERNETES": "false"},
+        extra_args=["--cgroup", "pods/a"],
+    )
+    assert "--privileged" in argv and "--pid=host" in argv
+    assert "--network=ns:/run/netns/pod" in argv  # no hostNetwork: the pod's own namespace
+    assert not [a for a in argv if a.startswith("--cap-")]
+    volumes = sorted(a.removeprefix("--volume=") for a in argv if a.startswith("--volume="))
+    assert volumes == sorted(
+        [
+            "/sys/fs/bpf:/sys/fs/bpf:rw,rbind",
+            "/sys/fs/cgroup:/host/sys/fs/cgroup:ro,rbind",
+            "/lib/modules:/lib/modules:ro,rbind",
+            "/usr/src:/usr/src:ro,rbind",
+            "/run/infertap:/run/infertap:rw,rbind",
+            f"{tmp_path}:/etc/infertap:ro,rbind",
+        ]
+    )
+    assert "--env=NODE_NAME=node-1" in argv and "--env=INFERTAP_KUBERNETES=false" in argv
+    assert "--env=INFERTAP_KUBERNETES=true" not in argv
+    assert "--memory=1g" in argv
+    image = argv.index("infertap/agent:0.1.0")
+    assert argv[image + 1 :] == [
+        *("run", "--metrics-addr", "0.0.0.0:9464", "--api", "unix:/run/infertap/api.sock"),
+        *("--policy", "/etc/infertap/policy.yaml", "--cgroup", "pods/a"),
+    ]
+
+
+def test_podman_args_follow_the_capabilities_overlay(overlay: list[Obj], tmp_path: Path) -> None:
+    from podman_manifest import podman_run_args
+
+    configmap = next(o for o in overlay if o["kind"] == "ConfigMap")["metadata"]["name"]
+    argv = podman_run_args(
+        overlay, name="t", image="i", netns="/n", config_dirs={configmap: tmp_path}
+    )
+    assert "--privileged" not in argv
+    caps = [a for a in argv if a.startswith("--cap-")]
+    assert caps == [
+        "--cap-drop=ALL",
+        *(f"--cap-add={c}" for c in ("BPF", "PERFMON", "NET_ADMIN", "SYSLOG", "SYS_ADMIN")),
+    ]
+    for opt in ("no-new-privileges", "seccomp=unconfined", "apparmor=unconfined"):
+        assert f"--security-opt={opt}" in argv
+    assert "--pid=host" in argv
+
+
+def test_podman_args_refuse_what_they_cannot_map(base: list[Obj], tmp_path: Path) -> None:
+    from podman_manifest import podman_run_args
+
+    changed = copy.deepcopy(base)
+    ds = next(o for o in changed if o["kind"] == "DaemonSet")
+    ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsUser"] = 1000
+    with pytest.raises(AssertionError, match="runAsUser"):
+        podman_run_args(changed, name="t", image="i", netns="/n", config_dirs={})
