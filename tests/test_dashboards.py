@@ -136,6 +136,10 @@ def uses(expr: str) -> list[Use]:
             visit(node.expr, None)
             if isinstance(node.param, pq.Expr):
                 visit(node.param, None)
+        elif isinstance(node, pq.BinaryExpr) and str(node.op) == "unless":
+            # `c unless c offset 5m`: counters born in the window, whose value counts from zero.
+            visit(node.lhs, "unless")
+            visit(node.rhs, "unless")
         elif isinstance(node, pq.BinaryExpr):
             visit(node.lhs, None)
             visit(node.rhs, None)
@@ -195,7 +199,7 @@ def test_expression_uses_only_exported_metrics(where: str, expr: str) -> None:
             # Grafana's label_values() only lists series; any selector will do there.
             assert where.startswith("variable"), f"{where}: {use.series} is cumulative: rate it"
         if not cumulative:
-            assert use.range_function is None, f"{where}: {metric} is a gauge, not a counter"
+            assert use.range_function in (None, "unless"), f"{where}: {metric} is a gauge"
         allowed = set(spec.labels) | TARGET_LABELS
         if use.series.endswith("_bucket") and spec.type == "histogram":
             allowed.add("le")
