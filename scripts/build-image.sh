@@ -2,8 +2,8 @@
 # `make image`: the agent image, built here from Debian packages and this checkout, no registry.
 #   1. mmdebstrap makes a Debian 12 root file system holding the image's Debian packages, from the
 #      host's own apt sources, with a fixed SOURCE_DATE_EPOCH (same mirror state, same rootfs);
-#      `podman import` turns it into the base image (kept, and rebuilt only when the package list
-#      or the sources change).
+#      `podman import` turns it into the base image (kept, labelled with a hash of the package
+#      list and the sources, and rebuilt only when they change).
 #   2. `podman build` runs daemonset/Dockerfile on that base (BASE build argument) over a copy of
 #      the checkout's files (git ls-files: what is tracked or new, never .venv or build/), so the
 #      agent and its pinned Python dependencies (pyproject.toml) are installed from this checkout.
@@ -34,7 +34,8 @@ mkdir -p "$out"
 epoch=$(git log -1 --format=%ct 2>/dev/null || echo 1700000000)
 
 key=$(printf '%s\n' "$packages" "$(cat "$sources")" | sha256sum | cut -c1-16)
-if ! "${podman[@]}" image exists "$base" || [ "$(cat "$out/base.key" 2>/dev/null)" != "$key" ]; then
+have=$("${podman[@]}" image inspect --format '{{index .Labels "infertap.base"}}' "$base" 2>/dev/null || true)
+if [ "$have" != "$key" ]; then
   start=$SECONDS
   rm -f "$out/rootfs.tar"
   SOURCE_DATE_EPOCH=$epoch mmdebstrap --quiet --variant=apt --include="$packages" \
@@ -43,9 +44,9 @@ if ! "${podman[@]}" image exists "$base" || [ "$(cat "$out/base.key" 2>/dev/null
     --dpkgopt='path-exclude=/usr/share/locale/*' \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*' \
     bookworm "$out/rootfs.tar" "$sources"
-  "${podman[@]}" import --quiet --change 'CMD ["/bin/bash"]' "$out/rootfs.tar" "$base" >/dev/null
+  "${podman[@]}" import --quiet --change 'CMD ["/bin/bash"]' --change "LABEL infertap.base=$key" \
+    "$out/rootfs.tar" "$base" >/dev/null
   rm -f "$out/rootfs.tar"
-  echo "$key" > "$out/base.key"
   echo "base image $base: $((SECONDS - start)) s"
 fi
 
