@@ -877,42 +877,42 @@ static __always_inline void sample_skb(struct __sk_buff *skb, struct itap_flow *
     count_sample(flow, emit_skb_bytes(skb, flow, p->payload_off, p->offset, p->len, cap, flags));
 }
 
-/* The flow key (as the sending socket sees it) and payload position of a TCP skb. */
+/* The flow key (as the sending socket sees it) and payload position of a TCP skb. Headers of
+ * locally sent TCP are in the skb's linear part, read directly (no helper call per header). */
 static __always_inline int parse_skb(struct __sk_buff *skb, struct itap_flow_key *k,
                                      struct itap_skb_pos *p, u32 *seq)
 {
-    u32 l4;
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    u8 *tcp;
     if (skb->protocol == bpf_htons(ETH_P_IP)) {
-        u8 ip[20];
-        if (bpf_skb_load_bytes(skb, 0, ip, sizeof(ip)) != 0)
+        u8 *ip = data;
+        if ((void *)(ip + 20) > data_end || ip[9] != ITAP_IPPROTO_TCP)
             return -1;
-        if (ip[9] != ITAP_IPPROTO_TCP)
-            return -1;
-        l4 = (ip[0] & 0x0f) * 4;
+        u32 ihl = (ip[0] & 0x0f) * 4;
         k->family = ITAP_AF_INET;
         __builtin_memcpy(&k->local_ip[0], &ip[12], 4);
         __builtin_memcpy(&k->remote_ip[0], &ip[16], 4);
+        tcp = ip + ihl;
     } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-        u8 ip6[40];
-        if (bpf_skb_load_bytes(skb, 0, ip6, sizeof(ip6)) != 0)
+        u8 *ip6 = data;
+        /* extension headers: not from a TCP socket here */
+        if ((void *)(ip6 + 40) > data_end || ip6[6] != ITAP_IPPROTO_TCP)
             return -1;
-        if (ip6[6] != ITAP_IPPROTO_TCP) /* extension headers: not from a TCP socket here */
-            return -1;
-        l4 = 40;
         k->family = ITAP_AF_INET6;
         __builtin_memcpy(k->local_ip, &ip6[8], 16);
         __builtin_memcpy(k->remote_ip, &ip6[24], 16);
         fold_v4_mapped(k);
+        tcp = ip6 + 40;
     } else {
         return -1;
     }
-    u8 tcp[16]; /* ports, seq, ack, data offset */
-    if (bpf_skb_load_bytes(skb, l4, tcp, sizeof(tcp)) != 0)
+    if ((void *)(tcp + 16) > data_end) /* ports, seq, ack, data offset */
         return -1;
     k->local_port = ((u16)tcp[0] << 8) | tcp[1];
     k->remote_port = ((u16)tcp[2] << 8) | tcp[3];
     *seq = ((u32)tcp[4] << 24) | ((u32)tcp[5] << 16) | ((u32)tcp[6] << 8) | tcp[7];
-    u32 off = l4 + (tcp[12] >> 4) * 4;
+    u32 off = (u32)(tcp - (u8 *)data) + (tcp[12] >> 4) * 4;
     if (skb->len <= off)
         return -1;
     p->payload_off = off;
