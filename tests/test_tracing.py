@@ -220,6 +220,15 @@ def test_grpc_metadata_traceparent_and_status(receiver: OtlpReceiver) -> None:
     assert_no_payload(spans)
 
 
+def test_calls_decoded_from_tls_plaintext_say_https(receiver: OtlpReceiver) -> None:
+    tracer = CallTracer(labels, is_tls=lambda connection: True)
+    tracer.configure(TracingSpec(receiver.endpoint, link_window_s=0.1))
+    tap(tracer, v2_rest_exchange([], ts=1_000, end=2_000), CLIENT_CG, MODEL_CG)
+    spans = receiver.wait_for(lambda s: s if len(s) == 2 else None)
+    tracer.stop()
+    assert {s.attributes["url.scheme"] for s in spans} == {"https"}
+
+
 def test_call_without_traceparent_is_a_root(receiver: OtlpReceiver) -> None:
     tracer = traced(receiver)
     tap(tracer, v2_rest_exchange([], ts=1_000, end=2_000), CLIENT_CG, MODEL_CG)

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -200,3 +200,33 @@ def test_detach_leaves_no_uprobe_in_the_kernel(agent: Any, tls_pods: Any) -> Non
     unit = agent.start_tls()
     assert unit.uprobe_count == 8
     agent.stop_tls()
+
+
+def test_run_with_tls_plaintext_hooks_at_start_and_unhooks_at_stop(lab: Any) -> None:
+    """The agent's own path (run --tls-plaintext): a separate agent, loaded and stopped."""
+    import os
+
+    from infertap.agent.runtime import Agent, AgentOptions
+
+    pod = lab.add_pod("tls-run")
+    # A process that maps OpenSSL is in the pod before the agent starts.
+    proc = pod.popen([sys.executable, "-c", "import ssl, time; time.sleep(60)"])
+    before = len(bpftool_perf(os.getpid()))
+    a = Agent(
+        AgentOptions(
+            cgroups=(str(pod.cgroup),), metrics_addr=None, api_addr=None, tls_plaintext=True
+        )
+    )
+    try:
+        a.start()
+        assert a.tls is not None
+        deadline = time.monotonic() + 5
+        while a.tls.uprobe_count < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert a.tls.uprobe_count == 8
+        assert len(bpftool_perf(os.getpid())) == before + 8 + 2  # uprobes + 2 raw tracepoints
+    finally:
+        a.stop()
+        pod.kill(proc)
+    assert cast(Any, a).tls is None  # (mypy narrowed a.tls above)
+    assert len(bpftool_perf(os.getpid())) == before
