@@ -210,13 +210,15 @@ class Pipeline:
                 continue
             status = ex.response.status if ex.response is not None else None
             self.traffic.count_http(pod, str(req.connection.server), req.method, status)
-            data: dict[str, Any] = {"request": http_dict(req), "pod": "/".join(p for p in pod if p)}
-            if ex.response is not None:
-                data["response"] = http_dict(ex.response)
-            if ex.latency_ns is not None:
-                data["latency_ms"] = ex.latency_ns / 1e6
-            self.events.publish(AgentEvent("http", req.ts_ns, data))
-            self._framing_findings(ex, data["pod"])
+            pod_text = "/".join(p for p in pod if p)
+            if self.events.wants("http"):  # most agents have no one watching every request
+                data: dict[str, Any] = {"request": http_dict(req), "pod": pod_text}
+                if ex.response is not None:
+                    data["response"] = http_dict(ex.response)
+                if ex.latency_ns is not None:
+                    data["latency_ms"] = ex.latency_ns / 1e6
+                self.events.publish(AgentEvent("http", req.ts_ns, data))
+            self._framing_findings(ex, pod_text)
             if self.inference is not None:
                 self._inference(ex, pod)
 
@@ -308,8 +310,9 @@ class Pipeline:
                 if f.kind == "pii":
                     self.inference.count_pii(pod, event.model, f.type)
                 self.events.publish(AgentEvent("finding", event.ts_ns, finding_dict(f)))
-            summary = self._inference_dict(event, pod)
-            self.events.publish(AgentEvent("inference", event.ts_ns, summary))
+            if self.events.wants("inference"):
+                summary = self._inference_dict(event, pod)
+                self.events.publish(AgentEvent("inference", event.ts_ns, summary))
             self._on_inspected(event, findings, cookie)
 
     def _inference_dict(self, e: InferenceEvent, pod: tuple[str, str]) -> dict[str, Any]:

@@ -224,3 +224,16 @@ def test_the_pipeline_publishes_the_same_findings_batched(
     assert sum(e.kind == "inference" for e in one) == len(recorded)
     assert sum(e.kind == "finding" for e in one) > 50
     assert _pipeline_findings(recorded, config, 512) == one
+
+
+def test_events_are_built_for_their_subscribers_only() -> None:
+    hub = EventHub()
+    assert not hub.wants("http") and not hub.wants("inference")
+    some = hub.subscribe(frozenset({"inference", "finding"}))
+    assert hub.wants("inference") and hub.wants("finding") and not hub.wants("http")
+    every = hub.subscribe()
+    assert hub.wants("http")
+    every.close()
+    assert not hub.wants("http") and hub.wants("inference")
+    some.close()
+    assert not hub.wants("inference")

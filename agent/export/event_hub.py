@@ -59,17 +59,31 @@ class EventHub:
         self._subs: list[Subscription] = []
         self._lock = threading.Lock()
         self.published = 0
+        # What the subscribers take, for wants(): read without the lock, replaced whole.
+        self._wanted: frozenset[str] = frozenset()
+        self._wants_all = False
 
     def subscribe(self, kinds: frozenset[str] = frozenset(), maxlen: int = 10000) -> Subscription:
         sub = Subscription(self, kinds, maxlen)
         with self._lock:
             self._subs.append(sub)
+            self._update_wanted()
         return sub
 
     def _remove(self, sub: Subscription) -> None:
         with self._lock:
             if sub in self._subs:
                 self._subs.remove(sub)
+                self._update_wanted()
+
+    def _update_wanted(self) -> None:
+        self._wants_all = any(not s.kinds for s in self._subs)
+        self._wanted = frozenset(k for s in self._subs for k in s.kinds)
+
+    def wants(self, kind: str) -> bool:
+        """Whether any subscriber takes events of `kind`: a publisher on the sample path can
+        skip building an event nobody would receive."""
+        return self._wants_all or kind in self._wanted
 
     def publish(self, event: AgentEvent) -> None:
         self.published += 1
