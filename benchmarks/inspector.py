@@ -585,7 +585,10 @@ def stage_costs(profiler: cProfile.Profile) -> list[dict[str, Any]]:
         ("agent/export/metrics.py", "count"): "inference metrics",
         ("agent/export/metrics.py", "count_http"): "http metrics",
         ("agent/pipeline.py", "_inference_dict"): "event summary",
-        ("agent/export/events.py", "publish"): "event publish",
+        ("agent/export/event_hub.py", "publish"): "event publish",
+        ("agent/inspect/engine.py", "inspect_batch"): "inspection (batch)",
+        ("agent/inspect/drift.py", "observe_matrices"): "drift (batch)",
+        ("agent/inspect/schema.py", "check_matrices"): "schema checks (batch)",
     }
     stats = pstats.Stats(profiler, stream=io.StringIO())
     raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
