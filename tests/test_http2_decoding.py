@@ -24,7 +24,12 @@ from wire_streams import (
 )
 
 from infertap.agent.flows.records import ConnectionId, Direction, Endpoint, Role, Sample
-from infertap.agent.protocols.http2 import Http2Connection, _plain_frame_ok
+from infertap.agent.protocols.http2 import (
+    MAX_REMEMBERED_BLOCKS,
+    MAX_REMEMBERED_BYTES,
+    Http2Connection,
+    _plain_frame_ok,
+)
 from infertap.agent.protocols.messages import HttpExchange
 from infertap.agent.protocols.wire import WireDecoder
 
@@ -262,6 +267,14 @@ def test_remembered_header_blocks_follow_the_dynamic_table() -> None:
         got.append((b"x-mutated", b"by the caller"))  # a caller's list is its own
         seen.append(expected)
     assert seen[1] == [(b"x-a", b"1")] and seen[4] == [(b"x-b", b"2")]
+    # Memory stays bounded: big blocks are decoded every time, few blocks are kept.
+    unindexed = hpack.NeverIndexedHeaderTuple  # literals that leave the table as it is
+    for i in range(100):
+        big = enc.encode([unindexed(b"x-big", b"v" * 5000)], huffman=False)
+        assert decoder._decode_block(big) == [(b"x-big", b"v" * 5000)]
+        decoder._decode_block(enc.encode([unindexed(f"x-{i}".encode(), b"1")]))
+    assert 0 < len(decoder._decoded) <= MAX_REMEMBERED_BLOCKS
+    assert all(len(k[1]) <= MAX_REMEMBERED_BYTES for k in decoder._decoded)
 
 
 @settings(max_examples=1500, deadline=None)

@@ -133,7 +133,11 @@ class _Mode(enum.Enum):
     LOST = "lost"  # framing lost: waiting for a send that starts with frames
 
 
-MAX_REMEMBERED_BLOCKS = 64  # per direction of a connection
+# Remembered header blocks, per direction of a connection: a peer's steady blocks are a few and
+# small (gRPC's are tens of bytes once indexed), so only those are kept, within a memory bound
+# near the HPACK table's own.
+MAX_REMEMBERED_BLOCKS = 16
+MAX_REMEMBERED_BYTES = 4096  # a block's bytes plus its decoded names and values
 
 
 class _CountedTable(HeaderTable):
@@ -388,7 +392,8 @@ class Http2StreamDecoder:
         if known is not None:
             return list(known)  # a copy: callers keep and extend header lists
         headers = [(bytes(k), bytes(v)) for k, v in self._hpack.decode(block, raw=True)]
-        if self._table.generation == key[0]:
+        size = len(block) + sum(len(k) + len(v) for k, v in headers)
+        if self._table.generation == key[0] and size <= MAX_REMEMBERED_BYTES:
             if len(self._decoded) >= MAX_REMEMBERED_BLOCKS:
                 self._decoded.clear()
             self._decoded[key] = list(headers)
