@@ -22,7 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ from support import needs_root, repo_root
 from test_manifests import DAEMONSET, OVERLAY, render
 
 from infertap.agent.kernel import cgroups
-from infertap.agent.testbed.lab import Lab
 from infertap.agent.testbed.v2server import start_in_pod
 
 pytestmark = [needs_root, pytest.mark.kernel]
@@ -64,14 +63,21 @@ def image() -> str:
     return IMAGE
 
 
+@dataclass
+class Pods:
+    """The container test's pods, added to the session's lab (a second Lab in one process would
+    share its bridge and interface names, which are the process id)."""
+
+    client: Any
+    server: Any
+    agent: Any  # the agent pod's own network namespace
+
+
 @pytest.fixture(scope="module")
-def pods() -> Iterator[Any]:
-    with Lab() as lab:
-        lab.add_pod("client")
-        lab.add_pod("server")
-        lab.add_pod("agent")  # the agent pod's own network namespace
-        start_in_pod(lab.pods["server"], 8000, 8001)
-        yield lab
+def pods(lab: Any) -> Pods:
+    made = Pods(*(lab.add_pod(f"ctr-{role}") for role in ("client", "server", "agent")))
+    start_in_pod(made.server, 8000, 8001)
+    return made
 
 
 def get(url: str) -> tuple[int, str]:
@@ -88,10 +94,10 @@ def attached_cgroups() -> str:
     return subprocess.run(["bpftool", "cgroup", "tree"], capture_output=True, text=True).stdout
 
 
-def run_client(lab: Any, seed: int) -> None:
+def run_client(pods: Pods, seed: int) -> None:
     script = str(repo_root() / "tests" / "v2_client_script.py")
-    server = lab.pods["server"]
-    r = lab.pods["client"].run(
+    server = pods.server
+    r = pods.client.run(
         [sys.executable, script, server.ip, "8000", "8001", str(seed)],
         capture_output=True,
         text=True,
@@ -109,7 +115,7 @@ def metric_value(body: str, name: str, *needles: str) -> float:
 
 
 def run_container(
-    objs: list[dict[str, Any]], lab: Any, image: str, name: str, tmp: Path
+    objs: list[dict[str, Any]], pods: Pods, image: str, name: str, tmp: Path
 ) -> tuple[str, dict[str, Any]]:
     """Start the DaemonSet's container on the test pods; returns (metrics URL, facts seen)."""
     configmap = next(o for o in objs if o["kind"] == "ConfigMap")
@@ -118,13 +124,13 @@ def run_container(
     for file, text in configmap["data"].items():
         (config_dir / file).write_text(text)
     mount = cgroups.cgroup2_mount()
-    pod_cgroups = [str(lab.pods[p].cgroup.relative_to(mount)) for p in ("client", "server")]
+    pod_cgroups = [str(p.cgroup.relative_to(mount)) for p in (pods.client, pods.server)]
     extra = [arg for cg in pod_cgroups for arg in ("--cgroup", cg)]
     argv = podman_run_args(
         objs,
         name=name,
         image=image,
-        netns=f"/var/run/netns/{lab.pods['agent'].netns}",
+        netns=f"/var/run/netns/{pods.agent.netns}",
         config_dirs={configmap["metadata"]["name"]: config_dir},
         node_name="podman-node",
         env_override={"INFERTAP_KUBERNETES": "false"},
@@ -132,7 +138,7 @@ def run_container(
     )
     podman("rm", "--force", "--ignore", name)
     podman(*argv)
-    return f"http://{lab.pods['agent'].ip}:{METRICS_PORT}", {"argv": argv}
+    return f"http://{pods.agent.ip}:{METRICS_PORT}", {"argv": argv}
 
 
 def stop_like_the_kubelet(name: str, objs: list[dict[str, Any]]) -> bool:
@@ -170,7 +176,7 @@ def manifests(variant: str) -> list[dict[str, Any]]:
     "variant", ["privileged", "capabilities", "capabilities-without-SYS_ADMIN"]
 )
 def test_the_daemonset_container_attaches_inspects_serves_and_detaches(
-    variant: str, image: str, pods: Any, tmp_path: Path
+    variant: str, image: str, pods: Pods, tmp_path: Path
 ) -> None:
     objs = manifests(variant)
     name = f"infertap-test-{variant.lower()}"
@@ -184,8 +190,8 @@ def test_the_daemonset_container_attaches_inspects_serves_and_detaches(
             time.sleep(1)
         assert get(f"{url}/healthz")[0] == 200
         tree = attached_cgroups()
-        for pod in ("client", "server"):
-            assert str(pods.pods[pod].cgroup) + "\n" in tree, f"{pod} not attached:\n{tree}"
+        for pod in (pods.client, pods.server):
+            assert str(pod.cgroup) + "\n" in tree, f"{pod.name} not attached:\n{tree}"
         # Real traffic between the test pods: tritonclient over REST and gRPC.
         run_client(pods, seed=21)
         time.sleep(1.0)  # the reader polls the ring every 20 ms; metrics are read at scrape
@@ -205,8 +211,8 @@ def test_the_daemonset_container_attaches_inspects_serves_and_detaches(
     assert code.stdout.strip() == "0", logs.stdout[-2000:] + logs.stderr[-2000:]
     assert "Traceback" not in logs.stderr + logs.stdout
     tree = attached_cgroups()
-    for pod in ("client", "server"):
-        assert str(pods.pods[pod].cgroup) + "\n" not in tree, f"{pod} still attached:\n{tree}"
+    for pod in (pods.client, pods.server):
+        assert str(pod.cgroup) + "\n" not in tree, f"{pod.name} still attached:\n{tree}"
     assert facts["argv"]
 
 
@@ -214,7 +220,7 @@ def test_the_daemonset_container_attaches_inspects_serves_and_detaches(
 # four others is needed: the agent cannot load its programs, says so in one line and exits 1.
 @pytest.mark.parametrize("missing", ["BPF", "PERFMON", "NET_ADMIN", "SYSLOG"])
 def test_without_a_needed_capability_the_agent_says_so_and_leaves_nothing(
-    missing: str, image: str, pods: Any, tmp_path: Path
+    missing: str, image: str, pods: Pods, tmp_path: Path
 ) -> None:
     objs = manifests(f"capabilities-without-SYS_ADMIN+{missing}")
     name = f"infertap-test-no-{missing.lower()}"
@@ -229,5 +235,5 @@ def test_without_a_needed_capability_the_agent_says_so_and_leaves_nothing(
     assert "infertap: error: could not compile or load the BPF programs" in logs.stderr
     assert "Traceback" not in logs.stderr
     tree = attached_cgroups()
-    for pod in ("client", "server"):
-        assert str(pods.pods[pod].cgroup) + "\n" not in tree
+    for pod in (pods.client, pods.server):
+        assert str(pod.cgroup) + "\n" not in tree
