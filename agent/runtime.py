@@ -31,6 +31,7 @@ from infertap.agent.discovery.open_sockets import (
 from infertap.agent.enforce.actions import FindingActions
 from infertap.agent.enforce.verdicts import AnnouncedVerdicts, VerdictStore
 from infertap.agent.export.event_hub import AgentEvent, EventHub, Subscription
+from infertap.agent.export.events import EventSink
 from infertap.agent.export.metrics import (
     FlowAccounting,
     InferenceMetrics,
@@ -40,6 +41,7 @@ from infertap.agent.export.metrics import (
     TrafficMetrics,
     VisibilityCollector,
 )
+from infertap.agent.export.pipeline_metrics import PipelineMetrics
 from infertap.agent.export.tracing import CallTracer
 from infertap.agent.export.tracing_spec import TracingSpec
 from infertap.agent.flows.records import Endpoint, FlowInfo
@@ -152,20 +154,19 @@ class Agent:
         self.mirror = Mirror(self.events, self.registry)  # configured by the policy applier
         self.actions = FindingActions(policy, self.verdicts, self.events.publish)
         self.pipeline = Pipeline(
-            self.events,
-            self.traffic,
-            self.accounting,
             self.pods,
-            on_flow_end=self._flow_ended,
-            inference=self.inference,
+            (
+                PipelineMetrics(self.traffic, self.accounting, self.inference, self.pods),
+                EventSink(self.events, self.engine),
+                self.actions,
+                self.mirror,
+            ),
             engine=self.engine,
-            on_inspected=self.actions.on_inspected,
             batch_size=INSPECT_BATCH,
         )
-        self.pipeline.exchange_taps.append(self.mirror.tap)
         # Configured by the policy applier.
         self.tracer = CallTracer(self.pods.labels, is_tls=self.pipeline.tls.is_tls)
-        self.pipeline.exchange_taps.append(self.tracer.tap)
+        self.pipeline.add_sink(self.tracer)
         # Loaded only when the starting policy routes something: its getsockopt program runs
         # on every getsockopt in the pods. Routes added by a later reload need a restart.
         self.steering: Steering | None = None
@@ -395,9 +396,6 @@ class Agent:
             self.reader_error = str(exc)
             log.exception("ring buffer reader stopped")
 
-    def _flow_ended(self, flow: FlowInfo) -> None:
-        self.store.flow_ended(flow.cookie)
-
     def _policy_in_force(self, policy: Policy) -> None:
         self.policy_hash = policy.hash
 
@@ -478,13 +476,13 @@ class Agent:
         )
 
     def flow_rows(self) -> list[FlowRow]:
-        decoder = self.pipeline.decoder
+        snap = self.pipeline.snapshot()  # the API's thread: never the decoder itself
         rows = [
             FlowRow(
                 f,
                 self.pods.path_of(f.cgroup_id),
-                decoder.protocol_of(f.cookie),
-                uninspected=decoder.uninspected_reason(f.cookie),
+                snap.protocols.get(f.cookie, ""),
+                uninspected=snap.uninspected.get(f.cookie, ""),
             )
             for f in self.flows()
         ]

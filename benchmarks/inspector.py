@@ -76,7 +76,9 @@ from prometheus_client import CollectorRegistry
 
 from infertap.agent.demo import fraud_baseline
 from infertap.agent.export.event_hub import EventHub
+from infertap.agent.export.events import EventSink
 from infertap.agent.export.metrics import FlowAccounting, InferenceMetrics, TrafficMetrics
+from infertap.agent.export.pipeline_metrics import PipelineMetrics
 from infertap.agent.flows.records import Endpoint, FlowInfo, Role
 from infertap.agent.inspect.baseline import Baseline
 from infertap.agent.inspect.engine import InspectionConfig, InspectionEngine, ModelInspection
@@ -85,7 +87,7 @@ from infertap.agent.kernel import structs
 from infertap.agent.kernel.decode import RECORD, decode_record, flow_key
 from infertap.agent.kernel.ringbuf import RingReader
 from infertap.agent.models.inference_event import InferenceEvent
-from infertap.agent.pipeline import Pipeline
+from infertap.agent.pipeline import Inspected, Pipeline, PipelineSink
 from infertap.agent.pod_labels import PodDirectory
 from infertap.agent.runtime import INSPECT_BATCH, READ_INTERVAL_S
 from infertap.agent.testbed.feature_store import LEAKS
@@ -407,15 +409,16 @@ class Replay:
 
 
 @dataclass
-class Tally:
-    """What came out of the pipeline, through its on_inspected hook (cheap counting only)."""
+class Tally(PipelineSink):
+    """What came out of the pipeline, as one of its sinks (cheap counting only)."""
 
     events: int = 0
     bad: int = 0  # decode error, truncation, or a tensor that is not the one sent
     values: int = 0  # feature rows seen
     findings: Counter[str] = field(default_factory=Counter)
 
-    def __call__(self, event: InferenceEvent, findings: list[Finding], cookie: int | None) -> None:
+    def on_inference(self, inspected: Inspected) -> None:
+        event, findings = inspected.event, inspected.findings
         self.events += 1
         x = event.inputs.get("features")
         if (
@@ -452,16 +455,13 @@ def make_pipeline(
     engine = InspectionEngine(config) if batched else OneByOneEngine(config)
     tally = Tally()
     events = EventHub()
-    pipeline = Pipeline(
-        events,
-        TrafficMetrics(registry),
-        FlowAccounting(),
-        PodDirectory(pods.mount),
-        inference=InferenceMetrics(registry),
-        engine=engine,
-        on_inspected=tally,
-        batch_size=INSPECT_BATCH if batched else 1,
+    pod_dir = PodDirectory(pods.mount)
+    metrics = PipelineMetrics(
+        TrafficMetrics(registry), FlowAccounting(), InferenceMetrics(registry), pod_dir
     )
+    sinks = (metrics, EventSink(events, engine), tally)
+    batch = INSPECT_BATCH if batched else 1
+    pipeline = Pipeline(pod_dir, sinks, engine=engine, batch_size=batch)
     return pipeline, tally, events
 
 
@@ -584,7 +584,7 @@ def stage_costs(profiler: cProfile.Profile) -> list[dict[str, Any]]:
         ("agent/inspect/drift.py", "observe"): "drift",
         ("agent/export/metrics.py", "count"): "inference metrics",
         ("agent/export/metrics.py", "count_http"): "http metrics",
-        ("agent/pipeline.py", "_inference_dict"): "event summary",
+        ("agent/export/events.py", "inference_dict"): "event summary",
         ("agent/export/event_hub.py", "publish"): "event publish",
         ("agent/inspect/engine.py", "inspect_batch"): "inspection (batch)",
         ("agent/inspect/drift.py", "observe_matrices"): "drift (batch)",
@@ -763,14 +763,12 @@ def part2(seconds: float, log: Callable[[str], None]) -> dict[str, Any]:
             for pod in (server, client):
                 sensor.attach(pod.cgroup)
             registry = CollectorRegistry()
-            pipeline = Pipeline(
-                EventHub(),
-                TrafficMetrics(registry),
-                FlowAccounting(),
-                PodDirectory(lab.mount),
-                inference=InferenceMetrics(registry),
-                engine=InspectionEngine(),  # sockperf is not HTTP: nothing reaches it
+            pod_dir = PodDirectory(lab.mount)
+            engine = InspectionEngine()  # sockperf is not HTTP: nothing reaches it
+            metrics = PipelineMetrics(
+                TrafficMetrics(registry), FlowAccounting(), InferenceMetrics(registry), pod_dir
             )
+            pipeline = Pipeline(pod_dir, (metrics, EventSink(EventHub(), engine)), engine=engine)
             load_cpu = ["taskset", "-c", str(LOAD_CPU)]
             srv = server.popen(
                 [*load_cpu, "sockperf", "sr", "--tcp", "-i", "0.0.0.0", "-p", str(SOCKPERF_PORT)],

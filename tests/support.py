@@ -9,23 +9,30 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from infertap.agent.export.event_hub import EventHub
+from infertap.agent.export.events import EventSink
+from infertap.agent.export.metrics import FlowAccounting, InferenceMetrics, TrafficMetrics
+from infertap.agent.export.pipeline_metrics import PipelineMetrics
 from infertap.agent.flows.records import FlowEnd, Sample
+from infertap.agent.inspect.engine import InspectionEngine
 from infertap.agent.models.inference_event import InferenceEvent
+from infertap.agent.pipeline import Inspected, Pipeline, PipelineSink
+from infertap.agent.pod_labels import PodDirectory
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="kernel tests need root (CI runs as root)")
 
 
 @dataclass
-class Recorder:
-    """Samples and flow ends seen by the shared agent, in order, collected in-process."""
+class Recorder(PipelineSink):
+    """Samples, flow ends and model calls seen by an agent's pipeline, in order, in-process."""
 
     samples: list[Sample] = field(default_factory=list)
     ends: list[FlowEnd] = field(default_factory=list)
@@ -36,11 +43,11 @@ class Recorder:
         with self.lock:
             self.samples.append(s)
 
-    def on_inference(self, e: InferenceEvent) -> None:
+    def on_inference(self, inspected: Inspected) -> None:
         with self.lock:
-            self.inferences.append(e)
+            self.inferences.append(inspected.event)
 
-    def on_end(self, e: FlowEnd) -> None:
+    def on_flow_end(self, e: FlowEnd) -> None:
         with self.lock:
             self.ends.append(e)
 
@@ -68,9 +75,7 @@ def start_recorded_agent(options: Any) -> Any:
     a = Agent(options)
     a.start()
     recorder = Recorder()
-    a.pipeline.sample_taps.append(recorder.on_sample)
-    a.pipeline.flow_end_taps.append(recorder.on_end)
-    a.pipeline.inference_taps.append(recorder.on_inference)
+    a.pipeline.add_sink(recorder)
     a.recorder = recorder  # type: ignore[attr-defined]  # tests read it as agent.recorder
     return a
 
@@ -206,4 +211,25 @@ def run_promtool(directory: Path, test_file: str) -> subprocess.CompletedProcess
         text=True,
         timeout=300,
         check=False,
+    )
+
+
+def wired_pipeline(
+    events: EventHub,
+    traffic: TrafficMetrics,
+    inference: InferenceMetrics,
+    pods: PodDirectory,
+    *,
+    engine: InspectionEngine | None = None,
+    sinks: Iterable[PipelineSink] = (),
+    batch_size: int = 1,
+) -> Pipeline:
+    """A Pipeline with the metrics and event sinks as agent/runtime.py registers them, then
+    `sinks` (the runtime's actions, mirror and tracer need a kernel or a policy)."""
+    metrics = PipelineMetrics(traffic, FlowAccounting(), inference, pods)
+    return Pipeline(
+        pods,
+        (metrics, EventSink(events, engine), *sinks),
+        engine=engine,
+        batch_size=batch_size,
     )

@@ -23,11 +23,12 @@ import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from prometheus_client import CollectorRegistry
+from support import wired_pipeline
 from test_kserve_v2_adapter import RecordingProxy, exchanges
 
 from infertap.agent.demo import fraud_baseline
 from infertap.agent.export.event_hub import AgentEvent, EventHub
-from infertap.agent.export.metrics import FlowAccounting, InferenceMetrics, TrafficMetrics
+from infertap.agent.export.metrics import InferenceMetrics, TrafficMetrics
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.inspect.baseline import Baseline, build_baseline
 from infertap.agent.inspect.drift import DriftConfig
@@ -35,7 +36,6 @@ from infertap.agent.inspect.engine import InspectionConfig, InspectionEngine, Mo
 from infertap.agent.inspect.findings import Finding
 from infertap.agent.models.adapt import to_inference_event
 from infertap.agent.models.inference_event import InferenceEvent
-from infertap.agent.pipeline import Pipeline
 from infertap.agent.pod_labels import PodDirectory
 from infertap.agent.protocols.messages import HttpExchange
 from infertap.agent.testbed.fraud_model import FEATURES, example_transactions
@@ -199,12 +199,11 @@ def _pipeline_findings(
     reg = CollectorRegistry()
     hub = EventHub()
     sub = hub.subscribe(frozenset({"finding", "inference"}), maxlen=100_000)
-    pipe = Pipeline(
+    pipe = wired_pipeline(
         hub,
         TrafficMetrics(reg),
-        FlowAccounting(),
+        InferenceMetrics(reg),
         PodDirectory(Path("/nonexistent")),
-        inference=InferenceMetrics(reg),
         engine=InspectionEngine(config, secret=SECRET),
         batch_size=batch_size,
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
+from support import wired_pipeline
 from wire_streams import (
     CLIENT_COOKIE,
     SERVER,
@@ -27,12 +28,12 @@ from wire_streams import (
 from infertap.agent.api import infertap_pb2 as pb
 from infertap.agent.enforce.breaker import CircuitBreaker
 from infertap.agent.export.event_hub import EventHub
+from infertap.agent.export.events import http_dict
 from infertap.agent.export.metrics import (
     LABEL_TTL_S,
     MAX_MODELS,
     MAX_VERSIONS,
     BoundedLabel,
-    FlowAccounting,
     InferenceMetrics,
     ModelStateCollector,
     TrafficMetrics,
@@ -43,7 +44,7 @@ from infertap.agent.inspect.traffic_names import safe_name, safe_path
 from infertap.agent.mirror.sink import record_of
 from infertap.agent.mirror.spec import SinkSpec
 from infertap.agent.models.adapt import to_inference_event
-from infertap.agent.pipeline import Pipeline, http_dict
+from infertap.agent.pipeline import Inspected, PipelineSink
 from infertap.agent.pod_labels import PodDirectory
 from infertap.agent.policy.loader import default_policy
 from infertap.agent.protocols.messages import HttpExchange
@@ -98,6 +99,16 @@ class NoKernel:
         pass
 
 
+class BreakerSink(PipelineSink):
+    """What the findings' actions tell the breaker of every call: the model's service."""
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+
+    def on_inference(self, inspected: Inspected) -> None:
+        self.breaker.note_service(inspected.event.model, inspected.event.service)
+
+
 @dataclass
 class Wired:
     """The pipeline, metrics and breaker as the agent wires them."""
@@ -111,14 +122,13 @@ class Wired:
         self.traffic = TrafficMetrics(self.registry, clock=self.clock)
         self.breaker = CircuitBreaker.from_policy(default_policy(), NoKernel(), clock=self.clock)
         self.subscription = self.events.subscribe(maxlen=100_000)
-        self.pipeline = Pipeline(
+        self.pipeline = wired_pipeline(
             self.events,
             self.traffic,
-            FlowAccounting(),
+            self.inference,
             PodDirectory(Path("/nonexistent")),
-            inference=self.inference,
             engine=InspectionEngine(),
-            on_inspected=lambda e, f, c: self.breaker.note_service(e.model, e.service),
+            sinks=(BreakerSink(self.breaker),),
         )
         self.registry.register(
             ModelStateCollector(

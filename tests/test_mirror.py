@@ -27,7 +27,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from test_kserve_v2_adapter import RecordingProxy, exchanges
 
 from infertap.agent.export.event_hub import EventHub
-from infertap.agent.export.metrics import FlowAccounting, InferenceMetrics, TrafficMetrics
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.mirror.compare import compare_outputs
 from infertap.agent.mirror.mirror import Mirror
@@ -36,7 +35,7 @@ from infertap.agent.mirror.sink import FILE_PREFIX, MirrorSink
 from infertap.agent.mirror.spec import MirrorSpec, ShadowSpec, SinkSpec
 from infertap.agent.models.adapt import to_inference_event
 from infertap.agent.models.inference_event import InferenceEvent
-from infertap.agent.pipeline import Pipeline
+from infertap.agent.pipeline import Inspected, Pipeline, PipelineSink
 from infertap.agent.pod_labels import PodDirectory
 from infertap.agent.policy.loader import PolicyError, load_policy_text, render_policy
 from infertap.agent.protocols.messages import HttpExchange
@@ -494,21 +493,21 @@ def test_offer_latency_with_a_live_shadow(shadow: V2ServerHandle, rest_calls: li
 # The pipeline hook
 
 
-def test_the_pipeline_hands_exchange_event_and_pod_to_its_taps(rest_calls: list[Call]) -> None:
-    reg = CollectorRegistry()
-    pipe = Pipeline(
-        EventHub(),
-        TrafficMetrics(reg),
-        FlowAccounting(),
-        PodDirectory(Path("/nonexistent")),
-        inference=InferenceMetrics(reg),
-    )
-    seen: list[tuple[HttpExchange, InferenceEvent, tuple[str, str]]] = []
-    pipe.exchange_taps.append(lambda ex, ev, pod: seen.append((ex, ev, pod)))
+class Seen(PipelineSink):
+    def __init__(self) -> None:
+        self.calls: list[Inspected] = []
+
+    def on_inference(self, inspected: Inspected) -> None:
+        self.calls.append(inspected)
+
+
+def test_the_pipeline_hands_exchange_event_and_pod_to_its_sinks(rest_calls: list[Call]) -> None:
+    seen = Seen()
+    pipe = Pipeline(PodDirectory(Path("/nonexistent")), (seen,))
     ex, _ = rest_calls[0]
     pipe._exchanges([ex])
-    assert len(seen) == 1 and seen[0][0] is ex
-    assert seen[0][1].model == "fraud" and seen[0][1].outputs
+    assert len(seen.calls) == 1 and seen.calls[0].exchange is ex
+    assert seen.calls[0].event.model == "fraud" and seen.calls[0].event.outputs
 
 
 # ---------------------------------------------------------------------------------------------

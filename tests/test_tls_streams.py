@@ -9,10 +9,11 @@ import socket
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
+from support import Recorder, wired_pipeline
 from wire_streams import h1_request, h1_response
 
 from infertap.agent.export.event_hub import EventHub
-from infertap.agent.export.metrics import FlowAccounting, InferenceMetrics, TrafficMetrics
+from infertap.agent.export.metrics import InferenceMetrics, TrafficMetrics
 from infertap.agent.flows.tls_streams import is_virtual, virtual_cookie
 from infertap.agent.kernel import decode, structs
 from infertap.agent.models.inference_event import InferenceEvent
@@ -50,16 +51,15 @@ def sample_record(
 
 def pipeline() -> tuple[Pipeline, list[InferenceEvent]]:
     reg = CollectorRegistry()
-    pipe = Pipeline(
+    recorder = Recorder()
+    pipe = wired_pipeline(
         EventHub(),
         TrafficMetrics(reg),
-        FlowAccounting(),
+        InferenceMetrics(reg),
         PodDirectory(Path("/nonexistent")),
-        inference=InferenceMetrics(reg),
+        sinks=(recorder,),
     )
-    events: list[InferenceEvent] = []
-    pipe.inference_taps.append(events.append)
-    return pipe, events
+    return pipe, recorder.inferences
 
 
 BODY = json.dumps(

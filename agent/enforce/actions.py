@@ -16,9 +16,10 @@ from typing import Protocol
 from infertap.agent.enforce.breaker import CircuitBreaker, CircuitEvent
 from infertap.agent.enforce.verdicts import Verdict
 from infertap.agent.export.event_hub import AgentEvent
-from infertap.agent.flows.records import Endpoint
+from infertap.agent.flows.records import Endpoint, FlowEnd
 from infertap.agent.inspect.findings import Finding
 from infertap.agent.models.inference_event import InferenceEvent
+from infertap.agent.pipeline import Inspected, PipelineSink
 from infertap.agent.policy.schema import Policy
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,10 @@ class ActionVerdicts(Protocol):
 
     def unblock_service(self, service: Endpoint) -> Verdict | None: ...
 
+    def flow_ended(self, flow_id: int) -> None: ...
 
-class FindingActions:
+
+class FindingActions(PipelineSink):
     def __init__(
         self,
         policy: Policy,
@@ -54,6 +57,14 @@ class FindingActions:
         """A new policy is in force: its actions and circuit settings from now on."""
         self.breaker.reconfigure(policy)
         self.policy = policy
+
+    # ---- the pipeline's sink (reader thread) ----
+
+    def on_inference(self, inspected: Inspected) -> None:
+        self.on_inspected(inspected.event, inspected.findings, inspected.client_flow)
+
+    def on_flow_end(self, end: FlowEnd) -> None:
+        self._verdicts.flow_ended(end.flow.cookie)  # the kernel dropped its verdict with it
 
     def on_inspected(
         self, event: InferenceEvent, findings: list[Finding], client_flow: int | None

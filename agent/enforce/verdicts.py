@@ -203,5 +203,9 @@ class AnnouncedVerdicts:
             self._announce(unblocked(v), "unblock")
         return v
 
+    def flow_ended(self, flow_id: int) -> None:
+        """Not announced: the kernel dropped the verdict with the socket."""
+        self.store.flow_ended(flow_id)
+
     def list(self) -> list[Verdict]:
         return self.store.list()

@@ -1,6 +1,6 @@
 """Distributed tracing: an OpenTelemetry span for every decoded model call, exported over OTLP.
 
-    pipeline (reader thread) -> CallTracer.tap(exchange, event, pod)      plain CallRecord, queued
+    pipeline (reader thread) -> CallTracer.on_inference (a PipelineSink)  plain CallRecord, queued
     worker thread -> CallLinker (who is whose parent) -> OpenTelemetry SDK -> OTLP/gRPC exporter
 
 One call gives up to two spans: a CLIENT span when the client's socket is intercepted and a
@@ -39,6 +39,7 @@ from infertap.agent.export.tracing_spec import TracingSpec
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.inspect.traffic_names import safe_path
 from infertap.agent.models.inference_event import InferenceEvent
+from infertap.agent.pipeline import Inspected, PipelineSink
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
 log = logging.getLogger(__name__)
@@ -430,7 +431,7 @@ def _trace_state(cls: Any, header: str) -> Any:
 _STOP = object()
 
 
-class CallTracer:
+class CallTracer(PipelineSink):
     """The pipeline's tracing sink. `tap` runs on the reader thread: it never blocks or raises.
     Off until `configure` gets an enabled spec; `configure` with a disabled one flushes and stops
     exporting. `exporter` replaces the OTLP exporter (tests)."""
@@ -488,7 +489,12 @@ class CallTracer:
         if exporter is not None:
             exporter.shutdown()
 
-    # -- the pipeline's tap (reader thread) ---------------------------------------------------
+    # -- the pipeline's sink (reader thread) --------------------------------------------------
+
+    def on_inference(self, inspected: Inspected) -> None:
+        if inspected.event.stream_index:  # a stream's exchange is traced once: its first call
+            return
+        self.tap(inspected.exchange, inspected.event, inspected.pod)
 
     def tap(self, exchange: HttpExchange, event: InferenceEvent, pod: PodLabels) -> None:
         if not self._enabled:

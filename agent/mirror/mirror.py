@@ -1,6 +1,6 @@
 """The agent's one Mirror: shadow mirroring and the mirror sink, fed by the pipeline.
 
-    pipeline._inference -> Mirror.tap(exchange, event, pod)   (reader thread: queue only)
+    Pipeline -> Mirror.on_inference(inspected)   (a PipelineSink; reader thread: queue only)
         -> ShadowMirror.offer   (share, skip accounting, bounded queue -> shadow workers)
         -> MirrorSink.offer     (bounded queue -> JSONL writer)
 
@@ -22,13 +22,14 @@ from infertap.agent.mirror.shadow_metrics import ShadowMetrics
 from infertap.agent.mirror.sink import MirrorSink
 from infertap.agent.mirror.spec import MirrorSpec
 from infertap.agent.models.inference_event import InferenceEvent
+from infertap.agent.pipeline import Inspected, PipelineSink
 from infertap.agent.policy.loader import PolicyError
 from infertap.agent.protocols.messages import HttpExchange
 
 log = logging.getLogger(__name__)
 
 
-class Mirror:
+class Mirror(PipelineSink):
     def __init__(
         self,
         events: EventHub | None = None,
@@ -76,8 +77,14 @@ class Mirror:
             if self.sink is not None:
                 self.sink.stop()
 
+    def on_inference(self, inspected: Inspected) -> None:
+        """Every decoded call, from the pipeline. Never blocks, never raises."""
+        if inspected.event.stream_index:  # mirroring replays an exchange once: its first call
+            return
+        self.tap(inspected.exchange, inspected.event, inspected.pod)
+
     def tap(self, exchange: HttpExchange, event: InferenceEvent, pod: tuple[str, str]) -> None:
-        """The pipeline's exchange tap. Never blocks, never raises."""
+        """One exchange to mirror, with its decoded call and pod. Never blocks, never raises."""
         try:
             self.shadows.offer(exchange, event)
             sink = self.sink

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from infertap.agent.flows.records import ConnectionId, Direction
+from infertap.agent.flows.records import ConnectionId, Direction, FlowInfo
 
 
 @dataclass(slots=True)
@@ -70,6 +70,10 @@ class HttpExchange:
     # for every piece but the last, which comes when the stream closes (with its trailers).
     stream_offset: int = 0
     partial: bool = False
+    # The connection's intercepted flows when the exchange came out of the wire decoder (its
+    # flow table): which pods it belongs to. Not part of what was said, so not compared.
+    client_flow: FlowInfo | None = field(default=None, compare=False, repr=False)
+    server_flow: FlowInfo | None = field(default=None, compare=False, repr=False)
 
     @property
     def latency_ns(self) -> int | None:

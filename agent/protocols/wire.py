@@ -32,6 +32,7 @@ from infertap.agent.flows.records import (
     Role,
     Sample,
 )
+from infertap.agent.flows.table import FlowTable
 from infertap.agent.protocols.http1 import (
     REQUEST_LINE,
     REQUEST_START,
@@ -244,7 +245,9 @@ class WireDecoder:
         self._requests_only = requests_only
         self._capture = capture_bodies
         self._max_body = max_body
-        self._flows: dict[int, _Flow] = {}
+        self._flows: dict[int, _Flow] = {}  # decoding state per flow (may go idle, and come back)
+        # What the kernel told of each flow, FlowStart to FlowEnd: the agent's one flow table.
+        self.flows = FlowTable()
         self._connections: dict[ConnectionId | int, _Connection] = {}
         self.stats_counter: Counter[str] = Counter()
         self.requests_by_service: Counter[Endpoint] = Counter()
@@ -257,6 +260,7 @@ class WireDecoder:
     # -- the runtime's calls ---------------------------------------------------------------
 
     def on_flow_start(self, flow: FlowInfo) -> None:
+        self.flows.start(flow)
         try:
             self._start(flow.cookie, flow.role, flow.connection, flow.start_ns)
         except Exception as err:
@@ -281,7 +285,7 @@ class WireDecoder:
         if not flow.active():
             # Free its bytes now (not from inside push, which still holds its stream state).
             self._reassembler.close(sample.cookie)
-        return self._take_ready(flow.conn)
+        return self._stamped(self._take_ready(flow.conn))
 
     def on_flow_end(self, cookie: int, final_offset: int | None = None) -> list[HttpExchange]:
         """The flow's socket closed. `final_offset`, when known (FlowInfo.bytes of the FlowEnd),
@@ -289,6 +293,7 @@ class WireDecoder:
         pairing can trust the end of the stream instead of failing closed on it."""
         flow = self._flows.get(cookie)
         if flow is None:
+            self.flows.end(cookie)
             return []
         complete = False
         if final_offset is not None and flow.active():
@@ -297,7 +302,9 @@ class WireDecoder:
             except Exception as err:
                 self._internal_error("flow_end", err)
         self._reassembler.close(cookie)
-        return self._end(flow, complete=complete)
+        out = self._stamped(self._end(flow, complete=complete))
+        self.flows.end(cookie)  # after stamping: its exchanges still name it
+        return out
 
     def evict_idle(self, now_ns: int) -> list[HttpExchange]:
         """End flows with no sample for idle_timeout_s; now_ns on the samples' clock
@@ -308,7 +315,11 @@ class WireDecoder:
             self._reassembler.evict(flow.cookie)
             self.stats_counter["flows_evicted_idle"] += 1
             out.extend(self._end(flow))
-        return out
+        return self._stamped(out)
+
+    def protocols(self) -> dict[int, str]:
+        """Flow cookie -> protocol detected ("" not yet), for every flow being decoded."""
+        return {cookie: f.protocol for cookie, f in self._flows.items()}
 
     def protocol_of(self, cookie: int) -> str:
         flow = self._flows.get(cookie)
@@ -335,6 +346,12 @@ class WireDecoder:
         return self._reassembler.flow_buffered(cookie)
 
     # -- internals -------------------------------------------------------------------------
+
+    def _stamped(self, out: list[HttpExchange]) -> list[HttpExchange]:
+        """Each exchange with its connection's intercepted flows, from the flow table."""
+        for ex in out:
+            ex.client_flow, ex.server_flow = self.flows.ends(ex.request.connection)
+        return out
 
     def _start(self, cookie: int, role: Role, conn_id: ConnectionId | None, ts: int) -> _Flow:
         existing = self._flows.get(cookie)
@@ -401,6 +418,14 @@ class WireDecoder:
         for conn, why in self._ignored.copy().values():
             if self._uninspected(conn, why):
                 out[why] = out.get(why, 0) + 1
+        return out
+
+    def uninspected_reasons(self) -> dict[int, str]:
+        """Flow cookie -> why it is not decoded, for the flows that are not."""
+        out: dict[int, str] = {}
+        for cookie, flow in self._flows.items():
+            if flow.ignored_why and self._uninspected(flow.conn, flow.ignored_why):
+                out[cookie] = flow.ignored_why
         return out
 
     def uninspected_reason(self, cookie: int) -> str:

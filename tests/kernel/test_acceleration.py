@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import needs_root, start_client, start_server
+from support import Recorder, needs_root, start_client, start_server
 
-from infertap.agent.flows.records import FlowEnd, Role, Sample
+from infertap.agent.flows.records import Role
 from infertap.agent.testbed.peer import payload
 
 pytestmark = [needs_root, pytest.mark.kernel]
@@ -45,10 +45,9 @@ def test_acceleration_on_and_off_give_identical_results(
             accelerate=accelerate,
         )
     )
-    samples: list[Sample] = []
-    ends: list[FlowEnd] = []
-    agent.pipeline.sample_taps.append(samples.append)
-    agent.pipeline.flow_end_taps.append(ends.append)
+    recorder = Recorder()
+    agent.pipeline.add_sink(recorder)
+    samples, ends = recorder.samples, recorder.ends
     agent.start()
     try:
         results = echo_round_trips(client, server, 8501)

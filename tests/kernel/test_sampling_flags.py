@@ -45,7 +45,7 @@ def test_flags_win_over_the_policy_on_the_wire_and_after_a_reload(
     )
     agent.start()
     rec = Recorder()
-    agent.pipeline.sample_taps.append(rec.on_sample)
+    agent.pipeline.add_sink(rec)
     reloads = agent.events.subscribe(frozenset({"policy"}))
     try:
         assert agent.sensor.sampling() == (512, 1)
