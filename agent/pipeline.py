@@ -170,7 +170,7 @@ class Pipeline:
         if self.tls.dropped(routed):
             return
         if new_flow is not None:
-            self.decoder.on_flow_start(new_flow)
+            self.decoder.on_flow_start(new_flow, virtual=True)
         self._exchanges(self.decoder.on_sample(routed))
 
     def _flow_end(self, rec: FlowEnd) -> None:

@@ -259,8 +259,12 @@ class WireDecoder:
 
     # -- the runtime's calls ---------------------------------------------------------------
 
-    def on_flow_start(self, flow: FlowInfo) -> None:
-        self.flows.start(flow)
+    def on_flow_start(self, flow: FlowInfo, *, virtual: bool = False) -> None:
+        """`virtual`: a flow of the agent's own making (TLS plaintext, agent/flows/tls_streams.py),
+        decoded like any other but kept out of the flow table, which holds the kernel's flows:
+        its exchanges name the connection's real sockets."""
+        if not virtual:
+            self.flows.start(flow)
         try:
             self._start(flow.cookie, flow.role, flow.connection, flow.start_ns)
         except Exception as err:
