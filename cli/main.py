@@ -33,6 +33,7 @@ from infertap.agent.defaults import (
     DEFAULT_SAMPLE_BYTES,
     parse_host_port,
 )
+from infertap.agent.errors import InfertapError
 from infertap.cli.certs import certs_app
 
 app = typer.Typer(
@@ -68,7 +69,7 @@ TlsNameOpt = Annotated[
 ]
 
 
-class UserError(Exception):
+class UserError(InfertapError):
     """Something the user can fix; printed as one line."""
 
 
@@ -568,15 +569,9 @@ def main() -> None:
     """Entry point: maps user-caused errors to one line and exit code 1."""
     import grpc
 
-    from infertap.agent.api.client import AgentUnreachable
-    from infertap.agent.api.tls import TlsError
-    from infertap.agent.kernel.cgroups import CgroupError
-    from infertap.agent.kernel.sensor import SensorError
-    from infertap.agent.policy.loader import PolicyError
-
     try:
         app()
-    except (UserError, AgentUnreachable, CgroupError, SensorError, PolicyError, TlsError) as exc:
+    except InfertapError as exc:  # every user-caused error (agent/errors.py): one line
         err.print(f"infertap: error: {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except grpc.RpcError as exc:

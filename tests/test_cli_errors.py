@@ -225,3 +225,42 @@ def test_baseline_build_and_show(tmp_path: Path) -> None:
     assert_one_clear_line(
         run("baseline", "build", str(tmp_path / "none.csv"), "--model", "m"), 1, "no such file"
     )
+
+
+def _user_errors() -> list[Exception]:
+    from infertap.agent.inspect.baseline import BaselineError
+    from infertap.agent.kernel.cgroups import CgroupError
+    from infertap.agent.kernel.headers import HeadersNotFound
+    from infertap.agent.kernel.steering import SteeringError
+    from infertap.agent.policy.loader import PolicyError
+
+    return [
+        SteeringError("could not compile or load the steering programs: no space"),
+        BaselineError("baseline.json", ["not a baseline"]),
+        CgroupError("cgroup /nope does not exist under /sys/fs/cgroup"),
+        HeadersNotFound("no kernel headers for 6.18"),
+        PolicyError(["p.yaml:3: routes: first", "p.yaml:4: routes: second"]),
+    ]
+
+
+@pytest.mark.parametrize("error", _user_errors(), ids=lambda e: type(e).__name__)
+def test_every_user_error_is_one_line_and_exit_1(
+    error: Exception, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """main() catches InfertapError as a whole: a SteeringError raised while `run` starts (which
+    printed a traceback before) is one line like the rest."""
+    from infertap.agent.errors import InfertapError
+    from infertap.cli import main as cli_main
+
+    assert isinstance(error, InfertapError)
+
+    def failing_app() -> None:
+        raise error
+
+    monkeypatch.setattr(cli_main, "app", failing_app)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main.main()
+    assert exit_.value.code == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    assert captured.err.strip().splitlines() == [f"infertap: error: {error}"]

@@ -11,9 +11,10 @@ import grpc
 
 from infertap.agent.api import infertap_pb2_grpc as pb_grpc
 from infertap.agent.api.tls import CA_CERT, ClientTls, client_tls_for
+from infertap.agent.errors import InfertapError
 
 
-class AgentUnreachable(ConnectionError):
+class AgentUnreachable(InfertapError, ConnectionError):
     pass
 
 

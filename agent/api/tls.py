@@ -24,6 +24,7 @@ from typing import Any, Final
 import grpc
 
 from infertap.agent.api import infertap_pb2 as pb
+from infertap.agent.errors import InfertapError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ READ_ONLY_METHODS: Final = frozenset(
 )
 
 
-class TlsError(Exception):
+class TlsError(InfertapError):
     """Missing or unusable TLS material, or TCP without TLS: printed as one line."""
 
 

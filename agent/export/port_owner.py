@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from infertap.agent.errors import InfertapError
+
 _LISTEN: Final = "0A"  # TCP_LISTEN in /proc/net/tcp's st column
 
 
@@ -31,7 +33,7 @@ class PortOwner:
         return f"pid {self.pid} ({self.name}, uid {self.uid})"
 
 
-class PortInUse(OSError):
+class PortInUse(InfertapError, OSError):
     """The metrics address is taken; str() and strerror are the one line `run` prints."""
 
     def __init__(self, address: str, owner: PortOwner | None) -> None:

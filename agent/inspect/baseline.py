@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 import infertap
+from infertap.agent.errors import InfertapError
 
 SCHEMA_VERSION: Final = 1
 DEFAULT_BINS: Final = 10
@@ -49,7 +50,7 @@ Progress = Callable[[int, int], None]
 FloatArray = npt.NDArray[np.float64]
 
 
-class BaselineError(ValueError):
+class BaselineError(InfertapError, ValueError):
     """A baseline that cannot be built or loaded. `problems` has one line per problem."""
 
     def __init__(self, source: str, problems: Sequence[str]) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from infertap.agent.errors import InfertapError
+
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 _MAGIC = 0xEB9F
 _HEADER = struct.Struct("<HBBIIIII")  # magic, version, flags, hdr_len, type_off/len, str_off/len
@@ -24,7 +26,7 @@ _PER_VLEN = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # STRUCT, UNION, ENUM, 
 # DATASEC, ENUM64
 
 
-class BtfError(RuntimeError):
+class BtfError(InfertapError, RuntimeError):
     pass
 
 

@@ -10,8 +10,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from infertap.agent.errors import InfertapError
 
-class CgroupError(ValueError):
+
+class CgroupError(InfertapError, ValueError):
     """A cgroup path a user gave is unusable; the message is one line for them."""
 
 

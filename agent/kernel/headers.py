@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infertap.agent.defaults import DEFAULT_RUN_DIR
+from infertap.agent.errors import InfertapError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ HEADERS_PACKAGE_HINT = "linux-headers-amd64"
 _VERSION_RE = re.compile(r"^linux-headers-(\d+)\.(\d+)\.(\d+)(?:-(\d+))?-(.+)$")
 
 
-class HeadersNotFound(RuntimeError):
+class HeadersNotFound(InfertapError, RuntimeError):
     """No usable kernel headers on this machine."""
 
 

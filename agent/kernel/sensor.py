@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from infertap.agent.defaults import DEFAULT_CAPTURE, DEFAULT_RUN_DIR, DEFAULT_SAMPLE_BYTES
+from infertap.agent.errors import InfertapError
 from infertap.agent.flows.records import FlowInfo
 from infertap.agent.kernel import bpfsys, btf, cgroups, decode, structs, tls
 from infertap.agent.kernel.attach import CgroupAttachments
@@ -45,7 +46,7 @@ SWEPT_ATTACH_TYPES = (
 )
 
 
-class SensorError(RuntimeError):
+class SensorError(InfertapError, RuntimeError):
     """The sensor cannot start; the message is one line for the user."""
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from infertap.agent.defaults import DEFAULT_RUN_DIR
+from infertap.agent.errors import InfertapError
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.kernel import bpfsys, cgroups, decode, structs
 from infertap.agent.kernel.attach import CgroupAttachments
@@ -52,7 +53,7 @@ _PROGRAMS = (
 )
 
 
-class SteeringError(RuntimeError):
+class SteeringError(InfertapError, RuntimeError):
     """Steering cannot start or a route set cannot be used; the message is one line."""
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from infertap.agent.errors import InfertapError
 from infertap.agent.kernel import btf, cgroups, structs
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ OPENSSL_FILE = re.compile(r"/libssl\.so\.3$")
 GRPC_BORINGSSL_FILE = re.compile(r"/cygrpc\.cpython-[^/]*\.so$")
 
 
-class TlsError(RuntimeError):
+class TlsError(InfertapError, RuntimeError):
     """The TLS unit cannot start; the message is one line for the user."""
 
 

@@ -23,8 +23,7 @@ messages read like the rest: `FILE:LINE: mirror.models[0].share: must be a numbe
         max_files: 5
         values: false               # also numeric tensor values (never BYTES or parameters)
 
-Imported by loader.py inside load_policy_text (this module imports loader's helpers, so the
-import cannot sit at the top of loader.py).
+Read by loader.py with the reader both share (agent/policy/reader.py).
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ from infertap.agent.mirror.spec import (
     ShadowSpec,
     SinkSpec,
 )
-from infertap.agent.policy.loader import _field, _join, _Reader, _required
+from infertap.agent.policy.reader import _field, _join, _Reader, _required
 from infertap.agent.policy.yamltree import YMap, YNode, YScalar
 
 _TOP: Final = ("queue", "workers", "timeout", "models", "sink")
