@@ -23,6 +23,9 @@ from functools import cache
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
 _HDR = 8
+# The system's page size, for the ring's size (Sensor.ring_size: BPF_RINGBUF_OUTPUT counts pages)
+# and for its mappings here: one value for both.
+PAGE_SIZE = mmap.PAGESIZE
 _PROT_READ = 0x1
 _PROT_WRITE = 0x2
 _MAP_SHARED = 0x01
@@ -50,7 +53,7 @@ class RingReader:
     """Consume records from a BPF_MAP_TYPE_RINGBUF map fd of `size` bytes (a power of two)."""
 
     def __init__(self, map_fd: int, size: int) -> None:
-        self._page = mmap.PAGESIZE
+        self._page = PAGE_SIZE
         self._size = size
         self._mask = size - 1
         self._cons_addr = _mmap(self._page, _PROT_READ | _PROT_WRITE, map_fd, 0)

@@ -21,7 +21,6 @@ import ctypes as ct
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,10 @@ from typing import Any
 from infertap.agent.defaults import DEFAULT_CAPTURE, DEFAULT_RUN_DIR, DEFAULT_SAMPLE_BYTES
 from infertap.agent.errors import InfertapError
 from infertap.agent.flows.records import FlowInfo
-from infertap.agent.kernel import bpfsys, btf, cgroups, decode, structs, tls
-from infertap.agent.kernel.attach import CgroupAttachments
-from infertap.agent.kernel.headers import HeaderTree, find_headers, point_bcc_at
-from infertap.agent.kernel.instances import RegistryUnreadable, shared_registry
+from infertap.agent.kernel import bpfsys, btf, cgroups, decode, structs
+from infertap.agent.kernel.instances import RegistryUnreadable
+from infertap.agent.kernel.ringbuf import PAGE_SIZE
+from infertap.agent.kernel.unit import KernelUnit, Program
 
 log = logging.getLogger(__name__)
 
@@ -64,37 +63,34 @@ class SensorOptions:
     extra_cflags: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _require_privileges() -> None:
-    if os.geteuid() != 0:
-        raise SensorError(
-            "infertap needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN) to load "
-            "BPF programs; run it as root"
-        )
+class Sensor(KernelUnit):
+    """The interception unit (bpf/intercept.c): sockops adds sockets to the sockhash, sk_msg or
+    cgroup_skb samples their bytes into the ring buffer, verdicts block them."""
 
+    SOURCE = "intercept.c"
+    ERROR = SensorError
+    WHAT = "BPF programs"
+    ATTACH_LABEL = "sockops"
+    PRIVILEGES = (
+        "infertap needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN) to load "
+        "BPF programs; run it as root"
+    )
 
-class Sensor:
     def __init__(self, options: SensorOptions, cgroup_mount: Path | None = None) -> None:
+        super().__init__(options.run_dir, cgroup_mount)
         self.options = options
-        self.mount = cgroup_mount or cgroups.cgroup2_mount()
-        self.headers: HeaderTree | None = None
-        self._bpf: Any = None
         self._sockops: Any = None
         self._msg: Any = None
         self._skb: Any = None
         self._sockhash_fd = -1
-        self._cgroups = CgroupAttachments(self.mount, "sockops")
         self._tables: dict[tuple[str, Any, Any], Any] = {}
-        self._registry = shared_registry(options.run_dir)
-        self._prog_ids: list[int] = []
         self._lock = threading.Lock()  # map writes from API threads and the policy engine
-        self.compile_seconds = 0.0
         self.swept = 0
         self.write_seq_tracking = False
 
-    # ---- lifecycle -------------------------------------------------------------------------
+    # ---- the unit's part of the lifecycle (agent/kernel/unit.py) ----------------------------
 
-    def start(self) -> None:
-        _require_privileges()
+    def _check(self) -> None:
         for opt, lo, hi in (
             ("sample_bytes", 0, structs.SAMPLE_MAX),
             ("sample_one_in", 0, 1 << 30),
@@ -110,56 +106,41 @@ class Sensor:
         for port in self.options.ports:
             if not 1 <= port <= 65535:
                 raise SensorError(f"port {port} is out of range (1-65535)")
-        try:
-            self.headers = find_headers(runtime_dir=self.options.run_dir / "kernel-headers")
-        except Exception as exc:  # HeadersNotFound or an unreadable /usr/src
-            raise SensorError(str(exc)) from exc
-        point_bcc_at(self.headers)
-        log.info("compiling BPF programs against kernel headers: %s", self.headers.origin)
-        self._compile()
-        try:
-            self._prog_ids = [
-                self._prog_id(self._sockops),
-                self._prog_id(self._msg),
-                self._prog_id(self._skb),
-            ]
-            self._registry.register(self._prog_ids)
-            self.swept = self.sweep_stale()
-            self._configure()
-            from bcc import BPF, BPFAttachType
 
-            self._sockhash_fd = self._table_fd("itap_socks")
-            BPF.attach_func(self._msg, self._sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
-        except Exception:
-            self.close()
-            raise
-
-    def _compile(self) -> None:
-        from bcc import BPF  # Debian's python3-bpfcc; imported late so tests can run without it
-
-        cflags = [
-            f"-I{structs.BPF_DIR}",
+    def _cflags(self) -> list[str]:
+        return [
             *self._write_seq_cflags(),
-            *tls.tls_cflags(),
             f"-DITAP_RING_PAGES={self.options.ring_pages}",
             f"-DITAP_MAX_FLOWS={self.options.max_flows}",
-            "-Wno-macro-redefined",
             *self.options.extra_cflags,
         ]
-        t0 = time.monotonic()
-        try:
-            # One object for interception and TLS plaintext (bpf/tls.c uses intercept.c's maps;
-            # BCC takes programs only from the main source, so the two files are joined here).
-            source = "\n".join(
-                (structs.BPF_DIR / name).read_text() for name in ("intercept.c", "tls.c")
-            )
-            self._bpf = BPF(text=source.encode(), cflags=cflags)
-            self._sockops = self._bpf.load_func(b"itap_sockops", BPF.SOCK_OPS)
-            self._msg = self._bpf.load_func(b"itap_msg", BPF.SK_MSG)
-            self._skb = self._bpf.load_func(b"itap_skb_egress", BPF.CGROUP_SKB)
-        except Exception as exc:
-            raise SensorError(f"could not compile or load the BPF programs: {exc}") from exc
-        self.compile_seconds = time.monotonic() - t0
+
+    def _load(self, bpf: Any) -> list[Any]:
+        from bcc import BPF
+
+        self._sockops = bpf.load_func(b"itap_sockops", BPF.SOCK_OPS)
+        self._msg = bpf.load_func(b"itap_msg", BPF.SK_MSG)
+        self._skb = bpf.load_func(b"itap_skb_egress", BPF.CGROUP_SKB)
+        return [self._sockops, self._msg, self._skb]
+
+    def _set_up(self) -> None:
+        self.swept = self.sweep_stale()
+        self._configure()
+        from bcc import BPF, BPFAttachType
+
+        self._sockhash_fd = self._table_fd("itap_socks")
+        BPF.attach_func(self._msg, self._sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
+
+    def _tear_down(self) -> None:
+        if self._msg is not None and self._sockhash_fd >= 0:
+            from bcc import BPF, BPFAttachType
+
+            try:
+                BPF.detach_func(self._msg, self._sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
+            except Exception as exc:
+                log.debug("sk_msg detach: %s", exc)
+        self._sockhash_fd = -1
+        self._tables.clear()
 
     def _write_seq_cflags(self) -> list[str]:
         """Enable true stream offsets when the kernel's BTF tells us where write_seq lives."""
@@ -182,32 +163,9 @@ class Sensor:
                 h2_walk=1 if self.options.http2_frames else 0,
             )
 
-    def close(self) -> None:
-        """Detach everything this sensor attached and release the maps. Safe to call twice."""
-        from bcc import BPF, BPFAttachType
-
-        if self._sockops is not None:
-            self._cgroups.detach_all(self._programs())
-        if self._msg is not None and self._sockhash_fd >= 0:
-            try:
-                BPF.detach_func(self._msg, self._sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
-            except Exception as exc:
-                log.debug("sk_msg detach: %s", exc)
-            self._sockhash_fd = -1
-        self._tables.clear()
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
-        if self._prog_ids:
-            self._registry.unregister(self._prog_ids)
-            self._prog_ids = []
-
     def __enter__(self) -> Sensor:
         self.start()
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ---- attach / detach -------------------------------------------------------------------
 
@@ -215,26 +173,11 @@ class Sensor:
     def capture(self) -> str:
         return self.options.capture
 
-    def _programs(self) -> list[tuple[Any, bpfsys.AttachType]]:
-        programs = [(self._sockops, bpfsys.AttachType.CGROUP_SOCK_OPS)]
+    def _programs(self) -> list[Program]:
+        programs: list[Program] = [(self._sockops, bpfsys.AttachType.CGROUP_SOCK_OPS)]
         if self.options.capture == "skb":
             programs.append((self._skb, bpfsys.AttachType.CGROUP_INET_EGRESS))
         return programs
-
-    def attach(self, cgroup: str | Path) -> Path:
-        return self._cgroups.attach(cgroup, self._programs())
-
-    def detach(self, cgroup: str | Path) -> None:
-        self._cgroups.detach(cgroup, self._programs())
-
-    @property
-    def started(self) -> bool:
-        """Programs compiled and loaded: the maps exist."""
-        return self.headers is not None
-
-    @property
-    def attached(self) -> list[Path]:
-        return self._cgroups.paths
 
     def sweep_stale(self) -> int:
         """Detach infertap programs that no live agent owns, from every cgroup. Returns count."""
@@ -277,10 +220,6 @@ class Sensor:
             raise SensorError(f"map {name} not found")
         return fd
 
-    @staticmethod
-    def _prog_id(fn: Any) -> int:
-        return bpfsys.prog_info(fn.fd).id
-
     def table(self, name: str, key: type[Any] | None = None, leaf: type[Any] | None = None) -> Any:
         """A BCC view of a map, made once per (name, key, leaf) and reused."""
         cache_key = (name, key, leaf)
@@ -302,7 +241,7 @@ class Sensor:
 
     @property
     def ring_size(self) -> int:
-        return self.options.ring_pages * 4096
+        return self.options.ring_pages * PAGE_SIZE  # the reader maps it with the same size
 
     def set_ports(self, ports: tuple[int, ...] | list[int]) -> None:
         with self._lock:

@@ -22,10 +22,8 @@ from __future__ import annotations
 import ctypes as ct
 import ipaddress
 import logging
-import os
 import socket
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +32,8 @@ from typing import Any
 from infertap.agent.defaults import DEFAULT_RUN_DIR
 from infertap.agent.errors import InfertapError
 from infertap.agent.flows.records import Endpoint
-from infertap.agent.kernel import bpfsys, cgroups, decode, structs
-from infertap.agent.kernel.attach import CgroupAttachments
-from infertap.agent.kernel.headers import HeaderTree, find_headers, point_bcc_at
-from infertap.agent.kernel.instances import shared_registry
+from infertap.agent.kernel import bpfsys, decode, structs
+from infertap.agent.kernel.unit import KernelUnit, Program
 
 log = logging.getLogger(__name__)
 
@@ -128,116 +124,62 @@ def _polyfill_key(cgroup_id: int, service: Endpoint) -> structs.PolyfillKey:
     return key
 
 
-def _require_privileges() -> None:
-    if os.geteuid() != 0:
-        raise SteeringError("steering needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")
+class Steering(KernelUnit):
+    """The steering unit (bpf/steer.c): connect-time routes and polyfill steers per cgroup."""
 
+    SOURCE = "steer.c"
+    ERROR = SteeringError
+    WHAT = "steering programs"
+    ATTACH_LABEL = "steering"
+    PRIVILEGES = "steering needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
 
-class Steering:
     def __init__(
         self,
         run_dir: Path = DEFAULT_RUN_DIR,
         max_routes: int = 256,
         cgroup_mount: Path | None = None,
     ) -> None:
-        self.run_dir = run_dir
+        super().__init__(run_dir, cgroup_mount)
         self.max_routes = max_routes
         # Counter slots: twice the routes, so every route can move to a fresh slot (its
         # backends changed) while the old one is still in the map.
         self.max_slots = 2 * max_routes
-        self.mount = cgroup_mount or cgroups.cgroup2_mount()
-        self.headers: HeaderTree | None = None
-        self._bpf: Any = None
-        self._progs: list[tuple[Any, bpfsys.AttachType]] = []
-        self._cgroups = CgroupAttachments(self.mount, "steering")
-        self._registry = shared_registry(run_dir)
-        self._prog_ids: list[int] = []
+        self._progs: list[Program] = []
         self._lock = threading.Lock()
         # Routes in the kernel, by service: the route and its counter slot.
         self._routes: dict[Endpoint, tuple[Route, int]] = {}
         # Polyfill steers in the kernel: (client cgroup id, service) -> rewriter port.
         self._polyfill: dict[tuple[int, Endpoint], int] = {}
-        self.compile_seconds = 0.0
 
-    # ---- lifecycle -------------------------------------------------------------------------
+    # ---- the unit's part of the lifecycle (agent/kernel/unit.py) ----------------------------
 
-    def start(self) -> None:
-        _require_privileges()
+    def _check(self) -> None:
         if not 1 <= self.max_routes <= 65536:
             raise SteeringError(f"max_routes must be between 1 and 65536, got {self.max_routes}")
-        try:
-            self.headers = find_headers(runtime_dir=self.run_dir / "kernel-headers")
-        except Exception as exc:  # HeadersNotFound or an unreadable /usr/src
-            raise SteeringError(str(exc)) from exc
-        point_bcc_at(self.headers)
-        from bcc import BPF
 
-        cflags = [
-            f"-I{structs.BPF_DIR}",
+    def _cflags(self) -> list[str]:
+        return [
             f"-DITAP_STEER_MAX_ROUTES={self.max_routes}",
             f"-DITAP_STEER_MAX_SLOTS={self.max_slots}",
-            "-Wno-macro-redefined",
         ]
-        t0 = time.monotonic()
-        try:
-            self._bpf = BPF(src_file=str(structs.BPF_DIR / "steer.c").encode(), cflags=cflags)
-            for name, prog_type, attach_type in _PROGRAMS:
-                fn = self._bpf.load_func(name.encode(), prog_type, attach_type=int(attach_type))
-                self._progs.append((fn, attach_type))
-        except Exception as exc:
-            self.close()
-            raise SteeringError(f"could not compile or load the steering programs: {exc}") from exc
-        self.compile_seconds = time.monotonic() - t0
-        try:
-            # Registered before anything is attached, so no other agent's sweep takes them.
-            self._prog_ids = [bpfsys.prog_info(fn.fd).id for fn, _ in self._progs]
-            self._registry.register(self._prog_ids)
-        except Exception:
-            self.close()
-            raise
 
-    def close(self) -> None:
-        """Detach everything this unit attached and release the maps. Safe to call twice."""
-        self._cgroups.detach_all(self._progs)
+    def _load(self, bpf: Any) -> list[Any]:
         self._progs = []
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
-        if self._prog_ids:
-            self._registry.unregister(self._prog_ids)
-            self._prog_ids = []
+        for name, prog_type, attach_type in _PROGRAMS:
+            fn = bpf.load_func(name.encode(), prog_type, attach_type=int(attach_type))
+            self._progs.append((fn, attach_type))
+        return [fn for fn, _ in self._progs]
+
+    def _programs(self) -> list[Program]:
+        return self._progs
+
+    def _tear_down(self) -> None:
         self._routes = {}
         self._polyfill = {}
 
     def __enter__(self) -> Steering:
         self.start()
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ---- attach / detach -------------------------------------------------------------------
-
-    def attach(self, cgroup: str | Path) -> Path:
-        """Attach the connect and getsockopt programs to a cgroup (all three, or none)."""
-        if not self._progs:
-            raise SteeringError("steering is not started")
-        return self._cgroups.attach(cgroup, self._progs)
-
-    def detach(self, cgroup: str | Path) -> None:
-        self._cgroups.detach(cgroup, self._progs)
-
-    @property
-    def started(self) -> bool:
-        return self._bpf is not None
-
-    @property
-    def attached(self) -> list[Path]:
-        return self._cgroups.paths
-
-    @property
-    def prog_ids(self) -> list[int]:
-        return list(self._prog_ids)
 
     # ---- routes ----------------------------------------------------------------------------
 
