@@ -28,9 +28,10 @@ from typing import Protocol
 import httptools
 
 from infertap.agent.flows.reassembly import Chunk, GapCause
-from infertap.agent.flows.records import ConnectionId, Direction, Endpoint
+from infertap.agent.flows.records import ConnectionId, Direction
+from infertap.agent.protocols.connection import ConnectionDecoder
 from infertap.agent.protocols.content import decode_content
-from infertap.agent.protocols.losses import HTTP1, DecodeLosses
+from infertap.agent.protocols.losses import HTTP1
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
 log = logging.getLogger(__name__)
@@ -481,7 +482,7 @@ class _Pending:
     tentative: bool = False
 
 
-class Http1Connection:
+class Http1Connection(ConnectionDecoder):
     """One TCP connection's HTTP/1 traffic: a decoder per intercepted flow, requests paired
     with responses in order. Completed exchanges collect in `ready` for the caller to take.
 
@@ -491,25 +492,7 @@ class Http1Connection:
 
     protocol = "http/1.1"
 
-    def __init__(
-        self,
-        connection: ConnectionId,
-        stats: Counter[str],
-        requests_by_service: Counter[Endpoint],
-        *,
-        expect_responses: bool,
-        capture_bodies: bool = True,
-        max_body: int = 1024 * 1024,
-        losses: DecodeLosses | None = None,
-    ) -> None:
-        self.connection = connection
-        self.expect_responses = expect_responses
-        self.losses = losses if losses is not None else DecodeLosses()
-        self.ready: list[HttpExchange] = []
-        self._stats = stats
-        self._per_service = requests_by_service
-        self._capture = capture_bodies
-        self._max_body = max_body
+    def _init_state(self) -> None:
         self._decoders: dict[Direction, Http1StreamDecoder] = {}
         self._pending: deque[_Pending] = deque()  # not yet ready, in request order
         self._awaiting: deque[_Pending] = deque()  # no response yet, in request order
@@ -534,7 +517,7 @@ class Http1Connection:
                 self.connection,
                 direction,
                 self,
-                self._stats,
+                self.stats,
                 capture_bodies=self._capture,
                 max_body=self._max_body,
                 resync=resync,
@@ -573,10 +556,6 @@ class Http1Connection:
         self._head_outstanding = 0
         return out
 
-    def take_ready(self) -> list[HttpExchange]:
-        ready, self.ready = self.ready, []
-        return ready
-
     @property
     def pending_requests(self) -> int:
         return len(self._pending)
@@ -585,14 +564,14 @@ class Http1Connection:
 
     def http1_headers(self, msg: HttpMessage) -> bool:
         if msg.direction is Direction.REQUEST:
-            self._stats["requests"] += 1
+            self.stats["requests"] += 1
             self._per_service[self.connection.server] += 1
             entry = _Pending(msg)
             self._request_entry = entry
             if self._awaiting:
                 self._pipelined = True
             if len(self._pending) >= MAX_PENDING:
-                self._stats["http1_pending_over_limit"] += 1
+                self.stats["http1_pending_over_limit"] += 1
                 self.http1_lost("over_limit")
                 self._drop_oldest()
             self._pending.append(entry)
@@ -600,15 +579,15 @@ class Http1Connection:
             if msg.method == "HEAD":
                 self._head_outstanding += 1
             return False
-        self._stats["responses"] += 1
+        self.stats["responses"] += 1
         if msg.status < 200 and msg.status != 101:
-            self._stats["http1_interim_responses"] += 1  # 100 Continue and such: not the answer
+            self.stats["http1_interim_responses"] += 1  # 100 Continue and such: not the answer
             self._response_entry = None
             return False
         matched = self._match(msg)
         self._response_entry = matched
         if matched is None:
-            self._stats["responses_unmatched"] += 1
+            self.stats["responses_unmatched"] += 1
             return False
         matched.response = msg
         if matched.request.method == "HEAD":
@@ -648,7 +627,7 @@ class Http1Connection:
                     entry.response = None
                     entry.response_done = False
                     entry.response_lost = True
-                    self._stats["responses_unmatched"] += 1
+                    self.stats["responses_unmatched"] += 1
             self._collect()
 
     def http1_lost(self, reason: str) -> None:
@@ -741,5 +720,5 @@ class Http1Connection:
                 break
             pending.popleft()
             if head.response is None:
-                self._stats["requests_unanswered"] += 1
+                self.stats["requests_unanswered"] += 1
             self.ready.append(HttpExchange(head.request, head.response))

@@ -23,7 +23,6 @@ import dataclasses
 import enum
 import logging
 import struct
-from collections import Counter
 from dataclasses import dataclass, field
 
 import hpack
@@ -37,14 +36,15 @@ from hyperframe.frame import (
 )
 
 from infertap.agent.flows.reassembly import Chunk, GapCause
-from infertap.agent.flows.records import ConnectionId, Direction, Endpoint
+from infertap.agent.flows.records import Direction
+from infertap.agent.protocols.connection import ConnectionDecoder
 from infertap.agent.protocols.content import (
     GRPC_PREFIX_LEN,
     decode_content,
     split_grpc_messages,
 )
 from infertap.agent.protocols.grpc_stream import GrpcMessageSplitter
-from infertap.agent.protocols.losses import HTTP2, DecodeLosses
+from infertap.agent.protocols.losses import HTTP2
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
 log = logging.getLogger(__name__)
@@ -463,7 +463,7 @@ class Http2StreamDecoder:
             self._decoded.clear()
 
 
-class Http2Connection:
+class Http2Connection(ConnectionDecoder):
     """One TCP connection's HTTP/2 traffic: a decoder per intercepted flow and the streams.
 
     Exchanges collect in `ready` when a stream closes: both sides ended, or reset, or the request
@@ -472,30 +472,13 @@ class Http2Connection:
 
     protocol = "h2"
 
-    def __init__(
-        self,
-        connection: ConnectionId,
-        stats: Counter[str],
-        requests_by_service: Counter[Endpoint],
-        *,
-        expect_responses: bool,
-        capture_bodies: bool = True,
-        max_body: int = 1024 * 1024,
-        losses: DecodeLosses | None = None,
-    ) -> None:
-        self.connection = connection
-        self.expect_responses = expect_responses
-        self.stats = stats
-        self.losses = losses if losses is not None else DecodeLosses()
-        self.ready: list[HttpExchange] = []
-        self._per_service = requests_by_service
-        self._capture = capture_bodies
-        self._max_body = max_body
+    def _init_state(self) -> None:
         self._decoders: dict[Direction, Http2StreamDecoder] = {}
         self._streams: dict[int, _Stream] = {}
         self._highest_request_sid = 0  # the highest stream id the client side opened
 
-    def consumer(self, direction: Direction) -> Http2StreamDecoder:
+    def consumer(self, direction: Direction, *, resync: bool = False) -> Http2StreamDecoder:
+        """`resync` is never asked for: wire.py ignores a mid-stream HTTP/2 flow (HPACK)."""
         decoder = self._decoders.get(direction)
         if decoder is None:
             decoder = self._decoders[direction] = Http2StreamDecoder(self, direction)
@@ -534,10 +517,6 @@ class Http2Connection:
             self._give_up(stream, out)
         self._streams.clear()
         return out
-
-    def take_ready(self) -> list[HttpExchange]:
-        ready, self.ready = self.ready, []
-        return ready
 
     @property
     def open_streams(self) -> int:

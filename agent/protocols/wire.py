@@ -33,6 +33,7 @@ from infertap.agent.flows.records import (
     Sample,
 )
 from infertap.agent.flows.table import FlowTable
+from infertap.agent.protocols.connection import ConnectionDecoder
 from infertap.agent.protocols.http1 import (
     REQUEST_LINE,
     REQUEST_START,
@@ -60,7 +61,6 @@ _STATUS_PREFIX = b"HTTP/1.1 "
 _SETTINGS_TYPE = 0x4
 _NO_CONNECTION = Endpoint("", 0)
 
-ConnectionDecoder = Http1Connection | Http2Connection
 
 # Why a flow's traffic is not decoded at all (its connection is reported not inspected), by the
 # stats key it is counted under. A fixed set: the metric label `reason`.
@@ -216,10 +216,7 @@ class _Flow:
             return
         self.protocol = protocol
         self.target = conn.decoder
-        if isinstance(conn.decoder, Http1Connection):
-            self.consumer = conn.decoder.consumer(self.direction, resync=resync)
-        else:
-            self.consumer = conn.decoder.consumer(self.direction)
+        self.consumer = conn.decoder.consumer(self.direction, resync=resync)
         owner.stats_counter[f"flows_{protocol}"] += 1
 
 
