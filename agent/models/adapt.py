@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.inspect.traffic_names import safe_name, safe_path
@@ -47,21 +48,51 @@ def adapter_counters() -> dict[str, int]:
         return dict(_counters)
 
 
+@dataclass(frozen=True, slots=True)
+class ModelAdapter:
+    """One model protocol: which requests are its calls (by path, without the query string),
+    and the decoder of such an exchange."""
+
+    protocol: str
+    grpc: bool  # gRPC requests (application/grpc over h2) or REST POSTs
+    matches: Callable[[str], bool]
+    decode: Decoder
+
+
+# The registry, in the order requests are tried. A new model protocol is one entry here.
+ADAPTERS: tuple[ModelAdapter, ...] = (
+    ModelAdapter(
+        kserve_v2.PROTOCOL_GRPC,
+        True,
+        lambda path: path in kserve_v2.GRPC_INFER_METHODS,
+        kserve_v2.decode_grpc_exchange,
+    ),
+    ModelAdapter(
+        kserve_v2.PROTOCOL_REST,
+        False,
+        lambda path: kserve_v2.parse_infer_path(path) is not None,
+        kserve_v2.decode_rest_exchange,
+    ),
+    ModelAdapter(
+        tfserving.PROTOCOL,
+        False,
+        lambda path: tfserving.parse_predict_path(path) is not None,
+        tfserving.decode_exchange,
+    ),
+    ModelAdapter(openai.PROTOCOL, False, openai.is_openai_path, openai.decode_exchange),
+)
+
+
 def classify(request: HttpMessage) -> tuple[str, Decoder] | None:
-    """(protocol, decoder) for a request, or None when it is not a model call we decode."""
+    """(protocol, decoder) for a request, or None when it is not a model call we decode. Other
+    gRPC methods (health, metadata) and REST requests other than POST are not model calls."""
     path = request.path.split("?", 1)[0]
-    if request.is_grpc:
-        if path in kserve_v2.GRPC_INFER_METHODS:
-            return kserve_v2.PROTOCOL_GRPC, kserve_v2.decode_grpc_exchange
+    grpc = request.is_grpc
+    if not grpc and request.method != "POST":
         return None
-    if request.method != "POST":
-        return None
-    if kserve_v2.parse_infer_path(path) is not None:
-        return kserve_v2.PROTOCOL_REST, kserve_v2.decode_rest_exchange
-    if tfserving.parse_predict_path(path) is not None:
-        return tfserving.PROTOCOL, tfserving.decode_exchange
-    if openai.is_openai_path(path):
-        return openai.PROTOCOL, openai.decode_exchange
+    for adapter in ADAPTERS:
+        if adapter.grpc == grpc and adapter.matches(path):
+            return adapter.protocol, adapter.decode
     return None
 
 

@@ -1,12 +1,30 @@
-"""What every model adapter does the same way: collecting errors, and reading an HTTP response
-(status, truncation, then a protocol-specific body decoder)."""
+"""What every model adapter does the same way: the request half (the event for the call, and the
+request body only when whole), collecting errors, and reading an HTTP response (status,
+truncation, then a protocol-specific body decoder)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from infertap.agent.flows.records import Endpoint
 from infertap.agent.models.inference_event import InferenceEvent
-from infertap.agent.protocols.messages import HttpMessage
+from infertap.agent.protocols.messages import HttpExchange, HttpMessage
+
+
+def request_event(
+    exchange: HttpExchange, service: Endpoint, protocol: str, model: str = "", version: str = ""
+) -> tuple[InferenceEvent, bytes | None]:
+    """The event for a call, and the request body to decode: None when the sampling cut the
+    body (bytes may be missing from its middle, so any tensor could be misaligned: nothing of it
+    is decoded, and the event says `request_truncated`)."""
+    req = exchange.request
+    event = InferenceEvent(
+        service=service, model=model, version=version, protocol=protocol, ts_ns=req.ts_ns
+    )
+    if req.body_truncated:
+        event.request_truncated = True
+        return event, None
+    return event, req.body
 
 
 def add_error(event: InferenceEvent, text: str) -> None:

@@ -38,7 +38,7 @@ from tritonclient.grpc import service_pb2
 
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.models.common import add_error as _add_error
-from infertap.agent.models.common import read_rest_response
+from infertap.agent.models.common import read_rest_response, request_event
 from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
@@ -616,15 +616,10 @@ def decode_rest_exchange(exchange: HttpExchange, service: Endpoint) -> Inference
     """An InferenceEvent from a V2 REST infer exchange (the path must be an infer path)."""
     req = exchange.request
     model, version = parse_infer_path(req.path) or ("", "")
-    event = InferenceEvent(
-        service=service, model=model, version=version, protocol=PROTOCOL_REST, ts_ns=req.ts_ns
-    )
-    if req.body_truncated:
-        # Bytes are missing, maybe from the middle: any tensor could be misaligned. Keep none.
-        event.request_truncated = True
-    else:
+    event, body = request_event(exchange, service, PROTOCOL_REST, model, version)
+    if body is not None:
         try:
-            payload = decode_rest_request(req.body, req.header(HEADER_LENGTH))
+            payload = decode_rest_request(body, req.header(HEADER_LENGTH))
             _fill_request(event, payload)
             if payload.problems:
                 _add_error(event, "request: " + ", ".join(payload.problems))

@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.models.common import add_error as _add_error
-from infertap.agent.models.common import read_rest_response
+from infertap.agent.models.common import read_rest_response, request_event
 from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
@@ -224,15 +224,10 @@ def _decode_response(event: InferenceEvent, resp: HttpMessage) -> None:
 
 def decode_exchange(exchange: HttpExchange, service: Endpoint) -> InferenceEvent:
     """An InferenceEvent from an OpenAI-style exchange."""
-    req = exchange.request
-    event = InferenceEvent(
-        service=service, model="", version="", protocol=PROTOCOL, ts_ns=req.ts_ns
-    )
-    if req.body_truncated:
-        event.request_truncated = True  # bytes may be missing mid-body: decode nothing
-    else:
+    event, body = request_event(exchange, service, PROTOCOL)
+    if body is not None:
         try:
-            doc = _json(req.body)
+            doc = _json(body)
             if not isinstance(doc, dict):
                 raise OpenAIDecodeError("body is not a JSON object")
             if isinstance(doc.get("model"), str):

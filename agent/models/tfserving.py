@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from infertap.agent.flows.records import Endpoint
 from infertap.agent.models.common import add_error as _add_error
-from infertap.agent.models.common import read_rest_response
+from infertap.agent.models.common import read_rest_response, request_event
 from infertap.agent.models.inference_event import InferenceEvent
 from infertap.agent.protocols.messages import HttpExchange, HttpMessage
 
@@ -184,14 +184,10 @@ def decode_exchange(exchange: HttpExchange, service: Endpoint) -> InferenceEvent
     """An InferenceEvent from a TF Serving predict exchange."""
     req = exchange.request
     model, version = parse_predict_path(req.path) or ("", "")
-    event = InferenceEvent(
-        service=service, model=model, version=version, protocol=PROTOCOL, ts_ns=req.ts_ns
-    )
-    if req.body_truncated:
-        event.request_truncated = True  # bytes may be missing mid-body: decode nothing
-    else:
+    event, body = request_event(exchange, service, PROTOCOL, model, version)
+    if body is not None:
         try:
-            doc = loads_lenient(req.body)
+            doc = loads_lenient(body)
             if not isinstance(doc, dict):
                 raise TfDecodeError("body is not a JSON object")
             if isinstance(doc.get("signature_name"), str):
