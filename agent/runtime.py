@@ -202,6 +202,7 @@ class Agent:
         self.ready = False
         self.started_at = time.time()
         self._stop = threading.Event()
+        self._stopped = False
         self._reader_thread: threading.Thread | None = None
         self._reader: RingReader | None = None
         self.metrics: MetricsServer | None = None
@@ -335,7 +336,11 @@ class Agent:
         return self._reader_thread is not None and self._reader_thread.is_alive()
 
     def stop(self) -> None:
-        """Detach everything and stop serving. Safe to call more than once."""
+        """Detach everything and stop serving. Safe to call more than once: later calls do
+        nothing (the units are closed; polyfill would write to closed maps)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.ready = False
         self._stop.set()
         api = self.api

@@ -9,7 +9,7 @@ import os
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -51,3 +51,25 @@ def agent(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     )
     yield a
     a.stop()
+
+
+@pytest.fixture
+def make_agent(lab: Any) -> Iterator[Callable[..., Any]]:
+    """For tests that need an agent of their own (options the shared one does not have):
+    make_agent(**AgentOptions fields) starts an Agent with a Recorder as `agent.recorder`,
+    metrics and API off unless given. Every agent made is stopped after the test (stop() is
+    safe to call again, so a test may stop it earlier to read what it left)."""
+    from infertap.agent.runtime import AgentOptions
+
+    made: list[Any] = []
+
+    def make(**options: Any) -> Any:
+        options.setdefault("metrics_addr", None)
+        options.setdefault("api_addr", None)
+        a = start_recorded_agent(AgentOptions(**options))
+        made.append(a)
+        return a
+
+    yield make
+    for a in reversed(made):
+        a.stop()

@@ -4,11 +4,12 @@ bypassing TCP, and the application sees exactly the same bytes as without it."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Recorder, needs_root, start_client, start_server
+from support import needs_root, start_client, start_server
 
 from infertap.agent.flows.records import Role
 from infertap.agent.testbed.peer import payload
@@ -31,24 +32,15 @@ def echo_round_trips(client: Any, server: Any, port: int) -> list[str]:
 
 @pytest.mark.parametrize("accelerate", [True, False])
 def test_acceleration_on_and_off_give_identical_results(
-    lab: Any, tmp_path: Path, accelerate: bool
+    lab: Any, tmp_path: Path, accelerate: bool, make_agent: Callable[..., Any]
 ) -> None:
-    from infertap.agent.runtime import Agent, AgentOptions
-
     name = "ac" if accelerate else "plain"
     client, server = lab.add_pod(f"{name}-c"), lab.add_pod(f"{name}-s")
-    agent = Agent(
-        AgentOptions(
-            cgroups=(str(client.cgroup), str(server.cgroup)),
-            metrics_addr=None,
-            api_addr=None,
-            accelerate=accelerate,
-        )
+    agent = make_agent(
+        cgroups=(str(client.cgroup), str(server.cgroup)),
+        accelerate=accelerate,
     )
-    recorder = Recorder()
-    agent.pipeline.add_sink(recorder)
-    samples, ends = recorder.samples, recorder.ends
-    agent.start()
+    samples, ends = agent.recorder.samples, agent.recorder.ends
     try:
         results = echo_round_trips(client, server, 8501)
         stats = agent.sensor.stats()

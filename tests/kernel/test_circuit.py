@@ -5,6 +5,7 @@ real tritonclient, the real agent under a policy."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,22 +60,18 @@ circuit: {{cooldown: 1s, max_cooldown: 4s, probe: 2s}}
 """
 
 
-def test_drift_alert_blocks_in_the_kernel_and_recovery_restores(lab: Any, tmp_path: Path) -> None:
+def test_drift_alert_blocks_in_the_kernel_and_recovery_restores(
+    lab: Any, tmp_path: Path, make_agent: Callable[..., Any]
+) -> None:
     from infertap.agent.demo import fraud_baseline
-    from infertap.agent.runtime import Agent, AgentOptions
 
     client, server = lab.add_pod("cb-client"), lab.add_pod("cb-server")
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(baseline=fraud_baseline(tmp_path)))
-    agent = Agent(
-        AgentOptions(
-            cgroups=(str(client.cgroup), str(server.cgroup)),
-            policy=policy,
-            metrics_addr=None,
-            api_addr=None,
-        )
+    agent = make_agent(
+        cgroups=(str(client.cgroup), str(server.cgroup)),
+        policy=policy,
     )
-    agent.start()
     sub = agent.events.subscribe(frozenset({"circuit"}))
     try:
         start_in_pod(server, 9100, 9101)

@@ -9,7 +9,7 @@ import queue
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +80,10 @@ def wait(pred: Any, timeout: float = 10.0) -> Any:
     raise AssertionError("timed out")
 
 
-def test_discovered_pods_are_attached_labelled_and_detached(lab: Any, tmp_path: Path) -> None:
+def test_discovered_pods_are_attached_labelled_and_detached(
+    lab: Any, tmp_path: Path, make_agent: Callable[..., Any]
+) -> None:
     from infertap.agent.kernel.cgroups import cgroup2_mount
-    from infertap.agent.runtime import Agent, AgentOptions
 
     mount = cgroup2_mount()
     slice_ = f"kubepods-besteffort-pod{UID.replace('-', '_')}.slice"
@@ -90,16 +91,13 @@ def test_discovered_pods_are_attached_labelled_and_detached(lab: Any, tmp_path: 
     server = lab.add_pod("k8s-server", cgroup=cg)
     client = lab.add_pod("k8s-client")  # not a Kubernetes pod: never attached
     api = StandInKubeApi([pod_object(server.ip)])
-    agent = Agent(
-        AgentOptions(
-            kubernetes=True,
-            node_name="node-a",
-            kube_api=api,
-            metrics_addr="127.0.0.1:0",
-            api_addr=f"unix:{tmp_path}/a.sock",
-        )
+    agent = make_agent(
+        kubernetes=True,
+        node_name="node-a",
+        kube_api=api,
+        metrics_addr="127.0.0.1:0",
+        api_addr=f"unix:{tmp_path}/a.sock",
     )
-    agent.start()
     try:
         wait(lambda: attached(cg) == 1)
         assert attached(client.cgroup) == 0

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,9 @@ def start_v2(pod: Any) -> None:
     start_in_pod(pod, 9300, 9301)
 
 
-def test_shadow_receives_the_primarys_requests_and_agrees(lab: Any, tmp_path: Path) -> None:
-    from infertap.agent.runtime import Agent, AgentOptions
-
+def test_shadow_receives_the_primarys_requests_and_agrees(
+    lab: Any, tmp_path: Path, make_agent: Callable[..., Any]
+) -> None:
     client, primary, shadow = (lab.add_pod(n) for n in ("mr-client", "mr-primary", "mr-shadow"))
     # The agent replays from the host: its route to pods must be the lab bridge, never the
     # default route off the machine.
@@ -65,16 +66,11 @@ def test_shadow_receives_the_primarys_requests_and_agrees(lab: Any, tmp_path: Pa
     policy = tmp_path / "policy.yaml"
     sink = tmp_path / "sink"
     policy.write_text(POLICY.format(shadow=shadow.ip, sink=sink))
-    agent = Agent(
-        AgentOptions(
-            cgroups=(str(client.cgroup), str(primary.cgroup)),
-            policy=policy,
-            metrics_addr=None,
-            api_addr=None,
-            sample_bytes=16384,
-        )
+    agent = make_agent(
+        cgroups=(str(client.cgroup), str(primary.cgroup)),
+        policy=policy,
+        sample_bytes=16384,
     )
-    agent.start()
     sub = agent.events.subscribe(frozenset({"shadow"}))
     results: list[dict[str, Any]] = []
     try:

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -295,11 +295,12 @@ polyfill:
 """
 
 
-def test_agent_applies_polyfill_from_its_policy(lab: Any, tmp_path: Path) -> None:
+def test_agent_applies_polyfill_from_its_policy(
+    lab: Any, tmp_path: Path, make_agent: Callable[..., Any]
+) -> None:
     """The whole path: a policy rule, the agent steering only that pod's connections through a
     rewriter, and the server receiving the parameter."""
     from infertap.agent.kernel.cgroups import cgroup2_mount
-    from infertap.agent.runtime import Agent, AgentOptions
 
     client, server = lab.add_pod("pfa-client"), lab.add_pod("pfa-server")
     recorder = server.popen(
@@ -310,15 +311,10 @@ def test_agent_applies_polyfill_from_its_policy(lab: Any, tmp_path: Path) -> Non
     rel = "/" + str(client.cgroup.relative_to(cgroup2_mount()))
     policy = tmp_path / "policy.yaml"
     policy.write_text(AGENT_POLICY.format(port=PORT, client=rel, service=f"{server.ip}:{PORT}"))
-    agent = Agent(
-        AgentOptions(
-            cgroups=(str(client.cgroup), str(server.cgroup)),
-            policy=policy,
-            metrics_addr=None,
-            api_addr=None,
-        )
+    agent = make_agent(
+        cgroups=(str(client.cgroup), str(server.cgroup)),
+        policy=policy,
     )
-    agent.start()
     try:
         spec = json.dumps({"requests": [request("/v2/models/fraud/infer", INPUT)], "repeat": 0})
         done = client.run(

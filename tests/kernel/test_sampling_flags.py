@@ -8,13 +8,12 @@ import json
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import INFERTAP, Recorder, needs_root, start_agent, start_client, start_server
-
-from infertap.agent.runtime import AgentOptions
 
 pytestmark = [needs_root, pytest.mark.kernel]
 
@@ -25,25 +24,19 @@ def pods(lab: Any) -> tuple[Any, Any]:
 
 
 def test_flags_win_over_the_policy_on_the_wire_and_after_a_reload(
-    pods: tuple[Any, Any], tmp_path: Path
+    pods: tuple[Any, Any], tmp_path: Path, make_agent: Callable[..., Any]
 ) -> None:
-    from infertap.agent.runtime import Agent
 
     client, server = pods
     policy = tmp_path / "policy.yaml"
     # The policy asks for no sampling at all and 2 KiB: the flags say every flow, 512 bytes.
     policy.write_text("version: 1\nsampling: {sample_bytes: 2048, sample_one_in: 0}\n")
-    agent = Agent(
-        AgentOptions(
-            cgroups=(str(client.cgroup), str(server.cgroup)),
-            policy=policy,
-            metrics_addr=None,
-            api_addr=None,
-            sample_bytes=512,
-            sample_one_in=1,
-        )
+    agent = make_agent(
+        cgroups=(str(client.cgroup), str(server.cgroup)),
+        policy=policy,
+        sample_bytes=512,
+        sample_one_in=1,
     )
-    agent.start()
     rec = Recorder()
     agent.pipeline.add_sink(rec)
     reloads = agent.events.subscribe(frozenset({"policy"}))
