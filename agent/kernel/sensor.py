@@ -28,7 +28,7 @@ from typing import Any
 from infertap.agent.defaults import DEFAULT_CAPTURE, DEFAULT_RUN_DIR, DEFAULT_SAMPLE_BYTES
 from infertap.agent.errors import InfertapError
 from infertap.agent.flows.records import FlowInfo
-from infertap.agent.kernel import bpfsys, btf, cgroups, decode, structs
+from infertap.agent.kernel import bpfsys, btf, cgroups, decode, structs, tls
 from infertap.agent.kernel.instances import RegistryUnreadable
 from infertap.agent.kernel.ringbuf import PAGE_SIZE
 from infertap.agent.kernel.unit import KernelUnit, Program
@@ -67,7 +67,8 @@ class Sensor(KernelUnit):
     """The interception unit (bpf/intercept.c): sockops adds sockets to the sockhash, sk_msg or
     cgroup_skb samples their bytes into the ring buffer, verdicts block them."""
 
-    SOURCE = "intercept.c"
+    # One object for interception and TLS plaintext (bpf/tls.c uses intercept.c's maps).
+    SOURCES = ("intercept.c", "tls.c")
     ERROR = SensorError
     WHAT = "BPF programs"
     ATTACH_LABEL = "sockops"
@@ -110,6 +111,7 @@ class Sensor(KernelUnit):
     def _cflags(self) -> list[str]:
         return [
             *self._write_seq_cflags(),
+            *tls.tls_cflags(),
             f"-DITAP_RING_PAGES={self.options.ring_pages}",
             f"-DITAP_MAX_FLOWS={self.options.max_flows}",
             *self.options.extra_cflags,

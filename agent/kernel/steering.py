@@ -127,7 +127,7 @@ def _polyfill_key(cgroup_id: int, service: Endpoint) -> structs.PolyfillKey:
 class Steering(KernelUnit):
     """The steering unit (bpf/steer.c): connect-time routes and polyfill steers per cgroup."""
 
-    SOURCE = "steer.c"
+    SOURCES = ("steer.c",)
     ERROR = SteeringError
     WHAT = "steering programs"
     ATTACH_LABEL = "steering"

@@ -33,7 +33,7 @@ Program = tuple[Any, bpfsys.AttachType]  # a loaded BCC function and how it atta
 
 
 class KernelUnit:
-    SOURCE: ClassVar[str]  # the C file in bpf/
+    SOURCES: ClassVar[tuple[str, ...]]  # the C files in bpf/, joined into one object
     ERROR: ClassVar[type[InfertapError]]  # what start() raises: one line for the user
     WHAT: ClassVar[str]  # in messages: "could not compile or load the {WHAT}"
     ATTACH_LABEL: ClassVar[str]  # the attachments' name in their messages
@@ -84,13 +84,16 @@ class KernelUnit:
         except Exception as exc:  # HeadersNotFound or an unreadable /usr/src
             raise self.ERROR(str(exc)) from exc
         point_bcc_at(self.headers)
-        log.info("compiling %s against kernel headers: %s", self.SOURCE, self.headers.origin)
+        what = " + ".join(self.SOURCES)
+        log.info("compiling %s against kernel headers: %s", what, self.headers.origin)
         from bcc import BPF  # Debian's python3-bpfcc; imported late so tests can run without it
 
         cflags = [f"-I{structs.BPF_DIR}", *self._cflags(), "-Wno-macro-redefined"]
         t0 = time.monotonic()
         try:
-            self._bpf = BPF(src_file=str(structs.BPF_DIR / self.SOURCE).encode(), cflags=cflags)
+            # BCC takes programs only from the main source, so several files are joined.
+            source = "\n".join((structs.BPF_DIR / name).read_text() for name in self.SOURCES)
+            self._bpf = BPF(text=source.encode(), cflags=cflags)
             self._loaded = self._load(self._bpf)
         except Exception as exc:
             self.close()
