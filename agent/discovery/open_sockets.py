@@ -102,20 +102,6 @@ def _netns(pid: int) -> int:
         return 0
 
 
-def _socket_inodes(pid: int) -> Iterator[tuple[int, int]]:
-    """(fd, socket inode) of a process's socket descriptors."""
-    fd_dir = f"/proc/{pid}/fd"
-    try:
-        names = os.listdir(fd_dir)
-    except OSError:
-        return
-    for name in names:
-        with contextlib.suppress(OSError, ValueError):
-            link = os.readlink(f"{fd_dir}/{name}")
-            if link.startswith("socket:["):
-                yield int(name), int(link[len("socket:[") : -1])
-
-
 def _cookie(pid: int, fd: int) -> int:
     try:
         dup = sockets.pidfd_getfd(pid, fd)
@@ -159,7 +145,7 @@ def find_open_connections(
                 {r.local.port for r in rows if r.state == _LISTEN},
             )
         established, listening = tables[ns]
-        for fd, inode in _socket_inodes(pid):
+        for fd, inode in sockets.socket_inodes(pid):
             entry = established.get(inode)
             if entry is None or inode in found:
                 continue

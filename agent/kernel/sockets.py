@@ -53,16 +53,18 @@ def _all_pids() -> Iterator[int]:
             yield int(name)
 
 
-def _socket_fds(pid: int) -> Iterator[int]:
+def socket_inodes(pid: int) -> Iterator[tuple[int, int]]:
+    """(fd, socket inode) of a process's socket descriptors."""
     fd_dir = f"/proc/{pid}/fd"
     try:
         names = os.listdir(fd_dir)
     except OSError:
         return
     for name in names:
-        with contextlib.suppress(OSError):
-            if os.readlink(f"{fd_dir}/{name}").startswith("socket:"):
-                yield int(name)
+        with contextlib.suppress(OSError, ValueError):
+            link = os.readlink(f"{fd_dir}/{name}")
+            if link.startswith("socket:["):
+                yield int(name), int(link[len("socket:[") : -1])
 
 
 def find_socket(cookie: int, cgroups: Iterable[Path]) -> int | None:
@@ -78,7 +80,7 @@ def find_socket(cookie: int, cgroups: Iterable[Path]) -> int | None:
             if pid in seen or pid == os.getpid():
                 continue
             seen.add(pid)
-            for target in _socket_fds(pid):
+            for target, _ in socket_inodes(pid):
                 try:
                     fd = pidfd_getfd(pid, target)
                 except OSError:

@@ -130,7 +130,7 @@ class Lab:
         would); its parent folders are made here and removed with the pod."""
         n = len(self.pods) + 1
         ns = f"itap-{self.tag}-{name}"
-        host_veth = f"itv{self.tag}{n}"[:15]
+        host_veth = f"itv{self.tag}-{n}"  # "-": tag 1234 must not own itv12345...
         pod_veth = "eth0"
         ip = f"{self.subnet}.{n + 1}"
         if cgroup is None:
@@ -208,7 +208,7 @@ def cleanup_stale_labs(cgroup_mount: Path | None = None) -> int:
         with IPRoute() as ipr:
             for link in ipr.get_links():
                 name = link.get_attr("IFLA_IFNAME") or ""
-                if name in (f"itbr{tag}"[:15],) or name.startswith(f"itv{tag}"):
+                if name == f"itbr{tag}"[:15] or name.startswith(f"itv{tag}-"):
                     with contextlib.suppress(Exception):
                         ipr.link("del", index=link["index"])
         with contextlib.suppress(Exception):
