@@ -350,7 +350,9 @@ static __always_inline int blocked(struct itap_flow *flow)
     return v && *v == ITAP_VERDICT_BLOCK;
 }
 
-static __always_inline void fill_sample(struct itap_record *rec, struct itap_flow *flow,
+/* A sample's record header; role is the flow's own, except for TLS plaintext (bpf/tls.c), whose
+ * role is that of the process making the library call. */
+static __always_inline void fill_sample(struct itap_record *rec, struct itap_flow *flow, u8 role,
                                         u64 offset, u32 size, u32 cap, u8 flags)
 {
     rec->kind = ITAP_REC_SAMPLE;
@@ -359,7 +361,7 @@ static __always_inline void fill_sample(struct itap_record *rec, struct itap_flo
     rec->cookie = flow->cookie;
     rec->offset = offset;
     rec->msg_len = size;
-    rec->role = flow->role;
+    rec->role = role;
     rec->flags = flags;
     rec->pad = 0;
 }
@@ -385,7 +387,7 @@ static __always_inline int emit_sample(struct itap_flow *flow, void *data, u64 o
         if (!s)
             return -1;
         itap_bound(n, ITAP_SAMPLE_SMALL);
-        fill_sample(&s->rec, flow, offset, size, n, flags);
+        fill_sample(&s->rec, flow, flow->role, offset, size, n, flags);
         bpf_probe_read_kernel(s->data, n, data);
         itap_events.ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
         return 0;
@@ -395,7 +397,7 @@ static __always_inline int emit_sample(struct itap_flow *flow, void *data, u64 o
         if (!s)
             return -1;
         itap_bound(n, ITAP_SAMPLE_MEDIUM);
-        fill_sample(&s->rec, flow, offset, size, n, flags);
+        fill_sample(&s->rec, flow, flow->role, offset, size, n, flags);
         bpf_probe_read_kernel(s->data, n, data);
         itap_events.ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
         return 0;
@@ -404,7 +406,7 @@ static __always_inline int emit_sample(struct itap_flow *flow, void *data, u64 o
     if (!s)
         return -1;
     itap_bound(n, ITAP_SAMPLE_MAX);
-    fill_sample(&s->rec, flow, offset, size, n, flags);
+    fill_sample(&s->rec, flow, flow->role, offset, size, n, flags);
     bpf_probe_read_kernel(s->data, n, data);
     itap_events.ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
     return 0;
@@ -570,7 +572,7 @@ static __always_inline int emit_skb_bytes(struct __sk_buff *skb, struct itap_flo
         if (!s)
             return -1;
         itap_bound(n, ITAP_SAMPLE_SMALL);
-        fill_sample(&s->rec, flow, offset, span, n, flags);
+        fill_sample(&s->rec, flow, flow->role, offset, span, n, flags);
         if (n == 0 || bpf_skb_load_bytes(skb, skb_off, s->data, n) != 0) {
             itap_events.ringbuf_discard(s, 0);
             return -2;
@@ -583,7 +585,7 @@ static __always_inline int emit_skb_bytes(struct __sk_buff *skb, struct itap_flo
         if (!s)
             return -1;
         itap_bound(n, ITAP_SAMPLE_MEDIUM);
-        fill_sample(&s->rec, flow, offset, span, n, flags);
+        fill_sample(&s->rec, flow, flow->role, offset, span, n, flags);
         if (n == 0 || bpf_skb_load_bytes(skb, skb_off, s->data, n) != 0) {
             itap_events.ringbuf_discard(s, 0);
             return -2;
@@ -595,7 +597,7 @@ static __always_inline int emit_skb_bytes(struct __sk_buff *skb, struct itap_flo
     if (!s)
         return -1;
     itap_bound(n, ITAP_SAMPLE_MAX);
-    fill_sample(&s->rec, flow, offset, span, n, flags);
+    fill_sample(&s->rec, flow, flow->role, offset, span, n, flags);
     if (n == 0 || bpf_skb_load_bytes(skb, skb_off, s->data, n) != 0) {
         itap_events.ringbuf_discard(s, 0);
         return -2;

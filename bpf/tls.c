@@ -143,20 +143,6 @@ int itap_tls_sock_recv(struct bpf_raw_tracepoint_args *ctx) { return on_socket_i
 
 /* ---- return: copy the plaintext ------------------------------------------------------------ */
 
-static __always_inline void fill(struct itap_record *rec, struct itap_flow *flow, u8 role,
-                                 u64 offset, u32 size, u32 cap, u8 flags)
-{
-    rec->kind = ITAP_REC_SAMPLE;
-    rec->cap_len = cap;
-    rec->ts_ns = bpf_ktime_get_ns();
-    rec->cookie = flow->cookie;
-    rec->offset = offset;
-    rec->msg_len = size;
-    rec->role = role;
-    rec->flags = flags;
-    rec->pad = 0;
-}
-
 /* As intercept.c's emit_sample, but from user memory. */
 static __always_inline int emit_plain(struct itap_flow *flow, u8 role, u64 buf, u64 offset,
                                       u32 size, u32 cap, u8 flags)
@@ -167,7 +153,7 @@ static __always_inline int emit_plain(struct itap_flow *flow, u8 role, u64 buf, 
         if (!s)
             return -1;
         itap_bound(n, ITAP_SAMPLE_SMALL);
-        fill(&s->rec, flow, role, offset, size, n, flags);
+        fill_sample(&s->rec, flow, role, offset, size, n, flags);
         bpf_probe_read_user(s->data, n, (void *)buf);
         itap_events.ringbuf_submit(s, BPF_RB_NO_WAKEUP);
         return 0;
@@ -177,7 +163,7 @@ static __always_inline int emit_plain(struct itap_flow *flow, u8 role, u64 buf, 
         if (!s)
             return -1;
         itap_bound(n, ITAP_SAMPLE_MEDIUM);
-        fill(&s->rec, flow, role, offset, size, n, flags);
+        fill_sample(&s->rec, flow, role, offset, size, n, flags);
         bpf_probe_read_user(s->data, n, (void *)buf);
         itap_events.ringbuf_submit(s, BPF_RB_NO_WAKEUP);
         return 0;
@@ -186,7 +172,7 @@ static __always_inline int emit_plain(struct itap_flow *flow, u8 role, u64 buf, 
     if (!s)
         return -1;
     itap_bound(n, ITAP_SAMPLE_MAX);
-    fill(&s->rec, flow, role, offset, size, n, flags);
+    fill_sample(&s->rec, flow, role, offset, size, n, flags);
     bpf_probe_read_user(s->data, n, (void *)buf);
     itap_events.ringbuf_submit(s, BPF_RB_NO_WAKEUP);
     return 0;
