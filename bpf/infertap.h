@@ -15,6 +15,9 @@
 #define ITAP_SAMPLE_MEDIUM 4096
 #define ITAP_SAMPLE_MAX 16384
 
+/* Ring buffers, one per inspection worker: the most `run --workers` takes. */
+#define ITAP_MAX_RINGS 8
+
 /* Which end of the connection a socket is: its sends are requests (client) or responses (server). */
 #define ITAP_ROLE_CLIENT 1
 #define ITAP_ROLE_SERVER 2
@@ -152,11 +155,14 @@ struct itap_flow {
     __u8 sockhash;      /* ITAP_SOCKHASH_*: why sockops put the socket in the sockhash */
     __u8 h2;            /* ITAP_H2_*: HTTP/2 frame walk state (skb capture) */
     __u8 h2_head_len;   /* bytes of a frame header the previous skb ended in (0-8) */
-    __u8 pad2[3];
+    __u8 ring;          /* ring buffer (inspection worker) this flow's records go to: set at
+                         * establishment from a hash of the connection, the same for both ends */
+    __u8 shed;          /* ITAP_SHED_*: overload shedding state (whole requests not sampled) */
+    __u8 pad2;
     __u64 h2_next;      /* stream offset of the next HTTP/2 frame header (ITAP_H2_WALK) */
     __u64 h2_keep;      /* stream bytes before this offset must be captured (a header block) */
     __u32 h2_head;      /* the first (up to 4) of those bytes: length and type */
-    __u32 pad3;
+    __u32 requests_shed; /* requests (or responses) not sampled because of overload */
 };
 
 /* Set by userspace in slot 0 of the config array. */
@@ -168,7 +174,7 @@ struct itap_config {
     __u32 accelerate;      /* 1: same-node acceleration (redirect to the peer socket) */
     __u32 capture;         /* ITAP_CAPTURE_* for flows established from now on */
     __u32 h2_walk;         /* 1: skb capture walks HTTP/2 frames (header blocks kept whole) */
-    __u32 pad;
+    __u32 n_rings;         /* ring buffers (inspection workers) in use, 1..ITAP_MAX_RINGS */
 };
 
 /* Header of every ring buffer record. A sample's payload (cap_len bytes) follows it; a flow

@@ -118,11 +118,13 @@ class Flow(ct.Structure):
         ("sockhash", ct.c_uint8),
         ("h2", ct.c_uint8),
         ("h2_head_len", ct.c_uint8),
-        ("pad2", ct.c_uint8 * 3),
+        ("ring", ct.c_uint8),
+        ("shed", ct.c_uint8),
+        ("pad2", ct.c_uint8),
         ("h2_next", ct.c_uint64),
         ("h2_keep", ct.c_uint64),
         ("h2_head", ct.c_uint32),
-        ("pad3", ct.c_uint32),
+        ("requests_shed", ct.c_uint32),
     )
 
 
@@ -135,7 +137,7 @@ class Config(ct.Structure):
         ("accelerate", ct.c_uint32),
         ("capture", ct.c_uint32),
         ("h2_walk", ct.c_uint32),
-        ("pad", ct.c_uint32),
+        ("n_rings", ct.c_uint32),
     )
 
 
