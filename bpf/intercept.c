@@ -52,7 +52,12 @@ BPF_HASH(itap_flow_verdicts, u64, u32, ITAP_MAX_VERDICTS);
 BPF_HASH(itap_svc_verdicts, struct itap_service_key, u32, ITAP_MAX_VERDICTS);
 BPF_ARRAY(itap_config, struct itap_config, 1);
 BPF_PERCPU_ARRAY(itap_stats, u64, ITAP_STAT_COUNT);
+/* Ring 0, and the template of every inspection worker's ring: the sensor creates rings
+ * 1..n_rings-1 of the same size and puts all of them, this one at index 0, in itap_rings. A flow's
+ * records all go to the ring its `ring` field names (one flow, one ring, one worker: per-flow
+ * order is kept), so no reader is a funnel. */
 BPF_RINGBUF_OUTPUT(itap_events, ITAP_RING_PAGES);
+BPF_ARRAY_OF_MAPS(itap_rings, "itap_events", ITAP_MAX_RINGS);
 
 struct itap_sample_small {
     struct itap_record rec;
@@ -76,6 +81,50 @@ static __always_inline void stat_add(u32 idx, u64 n)
     u64 *v = itap_stats.lookup(&idx);
     if (v)
         *v += n;
+}
+
+/* The ring a flow's records go to; NULL (counted as a loss by the caller) only if userspace has
+ * not filled that slot, which it does before anything is attached. */
+static __always_inline void *ring_of(struct itap_flow *flow)
+{
+    u32 idx = flow->ring;
+    return itap_rings.lookup(&idx);
+}
+
+/* Reserve `size` bytes in the flow's ring; NULL when the ring is full (or missing). */
+static __always_inline void *ring_reserve(struct itap_flow *flow, u64 size)
+{
+    void *ring = ring_of(flow);
+    if (!ring)
+        return NULL;
+    return bpf_ringbuf_reserve(ring, size, 0);
+}
+
+/* The same ring for both ends of a connection: each endpoint (ip, port) hashed on its own, then
+ * summed, which is symmetric, so a same-node connection's client and server flows (and their TLS
+ * plaintext) meet in one worker, which pairs requests with responses across them. Mirrored by
+ * agent/kernel/rings.py ring_for. */
+static __always_inline u32 endpoint_hash(const u32 ip[4], u16 port)
+{
+    u32 h = ip[0] ^ ip[1] ^ ip[2] ^ ip[3];
+    h ^= (u32)port * 0x9e3779b1u;
+    h ^= h >> 15;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    return h;
+}
+
+static __always_inline u8 ring_for(const struct itap_flow_key *k, u32 n_rings)
+{
+    if (n_rings <= 1)
+        return 0;
+    if (n_rings > ITAP_MAX_RINGS)
+        n_rings = ITAP_MAX_RINGS;
+    u32 h = endpoint_hash(k->local_ip, k->local_port) + endpoint_hash(k->remote_ip, k->remote_port);
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    return h % n_rings;
 }
 
 /* sock_ops and sk_msg both give the remote port as a network-order u16 shifted into the upper
@@ -178,7 +227,7 @@ static __always_inline int read_write_seq(struct bpf_sock *sk, u32 *seq)
 
 static __always_inline void emit_flow_record(u32 kind, struct itap_flow *flow)
 {
-    struct itap_flow_record *r = itap_events.ringbuf_reserve(sizeof(struct itap_flow_record));
+    struct itap_flow_record *r = ring_reserve(flow, sizeof(struct itap_flow_record));
     if (!r) {
         stat_add(ITAP_STAT_EVENTS_LOST, 1);
         return;
@@ -193,7 +242,7 @@ static __always_inline void emit_flow_record(u32 kind, struct itap_flow *flow)
     r->rec.flags = 0;
     r->rec.pad = 0;
     __builtin_memcpy(&r->flow, flow, sizeof(*flow));
-    itap_events.ringbuf_submit(r, ITAP_SUBMIT_FLAGS);
+    bpf_ringbuf_submit(r, ITAP_SUBMIT_FLAGS);
 }
 
 static __always_inline int blocked(struct itap_flow *flow);
@@ -219,6 +268,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, u8 role)
     flow.start_ns = bpf_ktime_get_ns();
     flow.key = key;
     flow.role = role;
+    flow.ring = ring_for(&key, cfg->n_rings);
     /* Nothing is queued yet at establishment, so snd_nxt == write_seq == stream offset 0. The
      * skb program measures offsets from here; sk_msg too when it can read write_seq. */
     flow.seq_last = skops->snd_nxt;
@@ -383,32 +433,32 @@ static __always_inline int emit_sample(struct itap_flow *flow, void *data, u64 o
 {
     u64 n = cap; /* u64: a u32 gets zero-extended into a copy and the bound is lost */
     if (cap <= ITAP_SAMPLE_SMALL) {
-        struct itap_sample_small *s = itap_events.ringbuf_reserve(sizeof(struct itap_sample_small));
+        struct itap_sample_small *s = ring_reserve(flow, sizeof(struct itap_sample_small));
         if (!s)
             return -1;
         itap_bound(n, ITAP_SAMPLE_SMALL);
         fill_sample(&s->rec, flow, flow->role, offset, size, n, flags);
         bpf_probe_read_kernel(s->data, n, data);
-        itap_events.ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
+        bpf_ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
         return 0;
     }
     if (cap <= ITAP_SAMPLE_MEDIUM) {
-        struct itap_sample_medium *s = itap_events.ringbuf_reserve(sizeof(struct itap_sample_medium));
+        struct itap_sample_medium *s = ring_reserve(flow, sizeof(struct itap_sample_medium));
         if (!s)
             return -1;
         itap_bound(n, ITAP_SAMPLE_MEDIUM);
         fill_sample(&s->rec, flow, flow->role, offset, size, n, flags);
         bpf_probe_read_kernel(s->data, n, data);
-        itap_events.ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
+        bpf_ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
         return 0;
     }
-    struct itap_sample_max *s = itap_events.ringbuf_reserve(sizeof(struct itap_sample_max));
+    struct itap_sample_max *s = ring_reserve(flow, sizeof(struct itap_sample_max));
     if (!s)
         return -1;
     itap_bound(n, ITAP_SAMPLE_MAX);
     fill_sample(&s->rec, flow, flow->role, offset, size, n, flags);
     bpf_probe_read_kernel(s->data, n, data);
-    itap_events.ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
+    bpf_ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
     return 0;
 }
 
@@ -568,41 +618,41 @@ static __always_inline int emit_skb_bytes(struct __sk_buff *skb, struct itap_flo
 {
     u64 n = cap; /* u64: a u32 gets zero-extended into a copy and the bound is lost */
     if (cap <= ITAP_SAMPLE_SMALL) {
-        struct itap_sample_small *s = itap_events.ringbuf_reserve(sizeof(struct itap_sample_small));
+        struct itap_sample_small *s = ring_reserve(flow, sizeof(struct itap_sample_small));
         if (!s)
             return -1;
         itap_bound(n, ITAP_SAMPLE_SMALL);
         fill_sample(&s->rec, flow, flow->role, offset, span, n, flags);
         if (n == 0 || bpf_skb_load_bytes(skb, skb_off, s->data, n) != 0) {
-            itap_events.ringbuf_discard(s, 0);
+            bpf_ringbuf_discard(s, 0);
             return -2;
         }
-        itap_events.ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
+        bpf_ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
         return 0;
     }
     if (cap <= ITAP_SAMPLE_MEDIUM) {
-        struct itap_sample_medium *s = itap_events.ringbuf_reserve(sizeof(struct itap_sample_medium));
+        struct itap_sample_medium *s = ring_reserve(flow, sizeof(struct itap_sample_medium));
         if (!s)
             return -1;
         itap_bound(n, ITAP_SAMPLE_MEDIUM);
         fill_sample(&s->rec, flow, flow->role, offset, span, n, flags);
         if (n == 0 || bpf_skb_load_bytes(skb, skb_off, s->data, n) != 0) {
-            itap_events.ringbuf_discard(s, 0);
+            bpf_ringbuf_discard(s, 0);
             return -2;
         }
-        itap_events.ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
+        bpf_ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
         return 0;
     }
-    struct itap_sample_max *s = itap_events.ringbuf_reserve(sizeof(struct itap_sample_max));
+    struct itap_sample_max *s = ring_reserve(flow, sizeof(struct itap_sample_max));
     if (!s)
         return -1;
     itap_bound(n, ITAP_SAMPLE_MAX);
     fill_sample(&s->rec, flow, flow->role, offset, span, n, flags);
     if (n == 0 || bpf_skb_load_bytes(skb, skb_off, s->data, n) != 0) {
-        itap_events.ringbuf_discard(s, 0);
+        bpf_ringbuf_discard(s, 0);
         return -2;
     }
-    itap_events.ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
+    bpf_ringbuf_submit(s, ITAP_SUBMIT_FLAGS);
     return 0;
 }
 

@@ -1,5 +1,5 @@
 /* TLS plaintext: uprobes on OpenSSL's SSL_write, SSL_write_ex, SSL_read, SSL_read_ex copy the
- * plaintext an application hands to (or gets from) its TLS library into the same ring buffer as
+ * plaintext an application hands to (or gets from) its TLS library into the ring buffer of their flow, as
  * the cleartext samples, marked ITAP_SAMPLE_TLS, for the same decoders.
  *
  * Which TCP flow a call belongs to: while a thread is inside one of those calls, the library
@@ -149,32 +149,32 @@ static __always_inline int emit_plain(struct itap_flow *flow, u8 role, u64 buf, 
 {
     u64 n = cap;
     if (cap <= ITAP_SAMPLE_SMALL) {
-        struct itap_sample_small *s = itap_events.ringbuf_reserve(sizeof(struct itap_sample_small));
+        struct itap_sample_small *s = ring_reserve(flow, sizeof(struct itap_sample_small));
         if (!s)
             return -1;
         itap_bound(n, ITAP_SAMPLE_SMALL);
         fill_sample(&s->rec, flow, role, offset, size, n, flags);
         bpf_probe_read_user(s->data, n, (void *)buf);
-        itap_events.ringbuf_submit(s, BPF_RB_NO_WAKEUP);
+        bpf_ringbuf_submit(s, BPF_RB_NO_WAKEUP);
         return 0;
     }
     if (cap <= ITAP_SAMPLE_MEDIUM) {
-        struct itap_sample_medium *s = itap_events.ringbuf_reserve(sizeof(struct itap_sample_medium));
+        struct itap_sample_medium *s = ring_reserve(flow, sizeof(struct itap_sample_medium));
         if (!s)
             return -1;
         itap_bound(n, ITAP_SAMPLE_MEDIUM);
         fill_sample(&s->rec, flow, role, offset, size, n, flags);
         bpf_probe_read_user(s->data, n, (void *)buf);
-        itap_events.ringbuf_submit(s, BPF_RB_NO_WAKEUP);
+        bpf_ringbuf_submit(s, BPF_RB_NO_WAKEUP);
         return 0;
     }
-    struct itap_sample_max *s = itap_events.ringbuf_reserve(sizeof(struct itap_sample_max));
+    struct itap_sample_max *s = ring_reserve(flow, sizeof(struct itap_sample_max));
     if (!s)
         return -1;
     itap_bound(n, ITAP_SAMPLE_MAX);
     fill_sample(&s->rec, flow, role, offset, size, n, flags);
     bpf_probe_read_user(s->data, n, (void *)buf);
-    itap_events.ringbuf_submit(s, BPF_RB_NO_WAKEUP);
+    bpf_ringbuf_submit(s, BPF_RB_NO_WAKEUP);
     return 0;
 }
 

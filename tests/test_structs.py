@@ -45,6 +45,7 @@ def test_python_constants_match_c_defines() -> None:
     text = structs.HEADER.read_text()
     defines = {m[1]: int(m[2]) for m in re.finditer(r"#define (ITAP_\w+) (\d+)", text)}
     assert defines["ITAP_SAMPLE_MAX"] == structs.SAMPLE_MAX
+    assert defines["ITAP_MAX_RINGS"] == structs.MAX_RINGS
     assert defines["ITAP_SAMPLE_MEDIUM"] == structs.SAMPLE_MEDIUM
     assert defines["ITAP_SAMPLE_SMALL"] == structs.SAMPLE_SMALL
     assert defines["ITAP_REC_SAMPLE"] == structs.REC_SAMPLE

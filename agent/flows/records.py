@@ -75,6 +75,7 @@ class FlowInfo:
     # only while a verdict applies to it.
     sockhash_always: bool = True
     http2_frames: bool = False  # the kernel walks its HTTP/2 frames (header blocks kept whole)
+    ring: int = 0  # the ring buffer (inspection worker) its records go to
 
     @property
     def service(self) -> Endpoint:

@@ -1,4 +1,5 @@
-"""The few BPF syscalls BCC does not wrap: query, identify and detach programs on a cgroup.
+"""The few BPF syscalls BCC does not wrap: query, identify and detach programs on a cgroup;
+create the extra ring buffers of inspection workers and put them in a map of maps.
 
 We call Debian's libbpf (a dependency of python3-bpfcc) through ctypes. These are what lets a new
 agent find and remove programs that a killed instance left attached (BPF_PROG_ATTACH has no link
@@ -27,6 +28,7 @@ class AttachType(enum.IntEnum):
 
 
 BPF_F_ALLOW_MULTI = 2
+BPF_MAP_TYPE_RINGBUF = 27  # enum bpf_map_type
 _PROG_NAME_OFFSET = 64  # offsetof(struct bpf_prog_info, name)
 _PROG_INFO_LEN = 80  # up to and including name[16]; the kernel copies what we ask for
 
@@ -53,6 +55,14 @@ def _lib() -> ct.CDLL:
     lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
     lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
     lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+    lib.bpf_map_create.argtypes = [
+        ct.c_int,
+        ct.c_char_p,
+        ct.c_uint32,
+        ct.c_uint32,
+        ct.c_uint32,
+        ct.c_void_p,
+    ]
     return lib
 
 
@@ -152,3 +162,17 @@ def map_keys(map_fd: int, key_type: type[ct.Structure]) -> list[bytes]:
             _check(ret, "map get next key")
         keys.append(bytes(nxt))
         prev = nxt
+
+
+def ringbuf_create(name: str, size: int) -> int:
+    """A new BPF ring buffer of `size` bytes (a power-of-two multiple of the page size); returns
+    its descriptor, which the caller owns."""
+    fd = _lib().bpf_map_create(BPF_MAP_TYPE_RINGBUF, name.encode()[:15], 0, 0, size, None)
+    return _check(fd, f"create ring buffer {name}")
+
+
+def map_set_fd(map_fd: int, index: int, value_fd: int) -> None:
+    """Put a map (by its descriptor) at `index` of an array of maps."""
+    key = ct.c_uint32(index)
+    value = ct.c_uint32(value_fd)
+    _check(_lib().bpf_map_update_elem(map_fd, ct.byref(key), ct.byref(value), 0), "map of maps set")

@@ -24,8 +24,8 @@ from infertap.agent.kernel import structs
 RECORD = struct.Struct("<IIQQQIBBH")
 # struct itap_flow: 11 u64s, the key (u16 family, pad, lport, rport, 2 x 16 address bytes),
 # u32 seq_last, then role, sampled, announced, seq_ok, accel, capture, sockhash, h2, h2_head_len,
-# 3 pad bytes, then h2_next, h2_keep, u32 h2_head and 4 pad bytes.
-FLOW = struct.Struct("<11Q4H16s16sIBBBBBBBBB3xQQI4x")
+# ring, 2 bytes (shed, pad2), then h2_next, h2_keep, u32 h2_head and u32 requests_shed.
+FLOW = struct.Struct("<11Q4H16s16sIBBBBBBBBBB2xQQI4x")
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
@@ -79,6 +79,7 @@ def decode_flow(buf: bytes | memoryview, offset: int = 0) -> FlowInfo:
         sockhash,
         h2,
         _h2_head_len,
+        ring,
         _h2_next,
         _h2_keep,
         _h2_head,
@@ -102,6 +103,7 @@ def decode_flow(buf: bytes | memoryview, offset: int = 0) -> FlowInfo:
         capture="skb" if capture == structs.CAPTURE_SKB else "sk_msg",
         sockhash_always=sockhash == structs.SOCKHASH_ALWAYS,
         http2_frames=h2 == structs.H2_WALK,
+        ring=ring,
     )
 
 

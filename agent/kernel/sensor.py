@@ -54,7 +54,8 @@ class SensorOptions:
     sample_bytes: int = DEFAULT_SAMPLE_BYTES
     sample_one_in: int = 1  # 1 = every flow, N = one flow in N, 0 = none
     ports: tuple[int, ...] = ()  # watched model-service ports; empty = all TCP
-    ring_pages: int = 4096  # 16 MiB ring buffer
+    ring_pages: int = 4096  # 16 MiB per ring buffer
+    n_rings: int = 1  # ring buffers, one per inspection worker (1..structs.MAX_RINGS)
     max_flows: int = 65536
     run_dir: Path = DEFAULT_RUN_DIR
     accelerate: bool = False  # same-node acceleration: redirect to intercepted peer sockets
@@ -84,6 +85,7 @@ class Sensor(KernelUnit):
         self._msg: Any = None
         self._skb: Any = None
         self._sockhash_fd = -1
+        self._extra_rings: list[int] = []  # rings 1..n_rings-1 (ring 0 is BCC's itap_events)
         self._tables: dict[tuple[str, Any, Any], Any] = {}
         self._lock = threading.Lock()  # map writes from API threads and the policy engine
         self.swept = 0
@@ -99,6 +101,11 @@ class Sensor(KernelUnit):
             val = getattr(self.options, opt)
             if not lo <= val <= hi:
                 raise SensorError(f"{opt} must be between {lo} and {hi}, got {val}")
+        if not 1 <= self.options.n_rings <= structs.MAX_RINGS:
+            raise SensorError(
+                f"ring buffers (workers) must be between 1 and {structs.MAX_RINGS}, "
+                f"got {self.options.n_rings}"
+            )
         if self.options.capture not in structs.CAPTURE_MODES:
             raise SensorError(
                 f"capture must be one of {', '.join(structs.CAPTURE_MODES)}, "
@@ -127,6 +134,7 @@ class Sensor(KernelUnit):
 
     def _set_up(self) -> None:
         self.swept = self.sweep_stale()
+        self._set_up_rings()
         self._configure()
         from bcc import BPF, BPFAttachType
 
@@ -142,7 +150,21 @@ class Sensor(KernelUnit):
             except Exception as exc:
                 log.debug("sk_msg detach: %s", exc)
         self._sockhash_fd = -1
+        for fd in self._extra_rings:
+            os.close(fd)  # itap_rings holds its own references until the object is released
+        self._extra_rings = []
         self._tables.clear()
+
+    def _set_up_rings(self) -> None:
+        """Ring 0 is itap_events; the others are made here, of the same size (the map of maps
+        takes only rings like its template), and all go into itap_rings before anything is
+        attached, so no flow ever names an empty slot."""
+        rings = self._table_fd("itap_rings")
+        bpfsys.map_set_fd(rings, 0, self._table_fd("itap_events"))
+        for i in range(1, self.options.n_rings):
+            fd = bpfsys.ringbuf_create(f"itap_ring{i}", self.ring_size)
+            self._extra_rings.append(fd)
+            bpfsys.map_set_fd(rings, i, fd)
 
     def _write_seq_cflags(self) -> list[str]:
         """Enable true stream offsets when the kernel's BTF tells us where write_seq lives."""
@@ -163,6 +185,7 @@ class Sensor(KernelUnit):
             self._update_config(
                 capture=structs.CAPTURE_MODES[self.options.capture],
                 h2_walk=1 if self.options.http2_frames else 0,
+                n_rings=self.options.n_rings,
             )
 
     def __enter__(self) -> Sensor:
@@ -239,7 +262,13 @@ class Sensor(KernelUnit):
 
     @property
     def ring_fd(self) -> int:
+        """Ring 0: with one ring (one worker), every record."""
         return self._table_fd("itap_events")
+
+    @property
+    def ring_fds(self) -> list[int]:
+        """Every ring, by index (flow.ring): one per inspection worker."""
+        return [self.ring_fd, *self._extra_rings]
 
     @property
     def ring_size(self) -> int:

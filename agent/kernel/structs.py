@@ -16,6 +16,8 @@ SAMPLE_SMALL = 512
 SAMPLE_MEDIUM = 4096
 SAMPLE_MAX = 16384
 
+MAX_RINGS = 8  # ring buffers (inspection workers) at most: ITAP_MAX_RINGS
+
 ROLE_CLIENT = 1
 ROLE_SERVER = 2
 
