@@ -104,6 +104,11 @@ REPETITIONS = 3  # per (case, config), interleaved
 # a time). "full" is the batched path the agent runs: inspect_batch over each drain's calls.
 CONFIGS = ("full", "full-one-by-one", "pii-off", "drift-off", "neither")
 TARGET_EVENTS_BIG = 5_000  # 10 KiB REST events per second, one core
+CASE_TARGETS = {
+    "rest-small": TARGET_EVENTS,
+    "rest-10k": TARGET_EVENTS_BIG,
+    "grpc-small": TARGET_EVENTS,
+}
 PII_EVERY = 10  # one request in ten leaks a customer detail into its parameters
 BENCH_CPU = 1  # the measured thread's core; load generators go on LOAD_CPU
 LOAD_CPU = 0
@@ -601,13 +606,19 @@ def stage_costs(profiler: cProfile.Profile) -> list[dict[str, Any]]:
     return [{"stage": k, "cum_pct": v} for k, v in sorted(out.items(), key=lambda kv: -kv[1])]
 
 
-def part1(seconds: float, profile_seconds: float, log: Callable[[str], None]) -> dict[str, Any]:
+def part1(
+    seconds: float,
+    profile_seconds: float,
+    log: Callable[[str], None],
+    cases: Sequence[str] = tuple(CASE_TARGETS),
+    configs: Sequence[str] = CONFIGS,
+) -> dict[str, Any]:
     rng = np.random.default_rng(11)
     with tempfile.TemporaryDirectory(prefix="infertap-bench-") as tmp:
         work = Path(tmp)
         log("part 1: building the fraud baseline, recording tritonclient <-> v2server")
         baseline = Baseline.load(fraud_baseline(work))
-        recorded = record_cases(rng)
+        recorded = {case: rec for case, rec in record_cases(rng).items() if case in cases}
         pods = make_pods(work / "cgroup")
         pin(BENCH_CPU)
         replays: dict[str, Replay] = {}
@@ -620,18 +631,18 @@ def part1(seconds: float, profile_seconds: float, log: Callable[[str], None]) ->
         runs: dict[tuple[str, str], list[CaseResult]] = {}
         for rep in range(REPETITIONS):
             for case, replay in replays.items():
-                configs = CONFIGS[rep % len(CONFIGS) :] + CONFIGS[: rep % len(CONFIGS)]
-                for config in configs:
+                order = [*configs[rep % len(configs) :], *configs[: rep % len(configs)]]
+                for config in order:
                     r = run_case(case, config, replay, pods, baseline, seconds / REPETITIONS)
                     runs.setdefault((case, config), []).append(r)
         results = []
         for case in replays:
-            for config in CONFIGS:
+            for config in configs:
                 row = summarize(runs[(case, config)])
                 log(f"  {case:<10} {config:<9} {row['events_per_cpu_s']:>9,.0f} events/s")
                 results.append(row)
         profiles = {}
-        for case in replays:
+        for case in replays if profile_seconds > 0 else ():  # 0: no profile
             profiler = cProfile.Profile()
             run_case(case, "full", replays[case], pods, baseline, profile_seconds, profiler)
             profiles[case] = {"top": top_costs(profiler), "stages": stage_costs(profiler)}
@@ -876,12 +887,6 @@ def _prefilled(
 # Report
 
 
-CASE_TARGETS = {
-    "rest-small": TARGET_EVENTS,
-    "rest-10k": TARGET_EVENTS_BIG,
-    "grpc-small": TARGET_EVENTS,
-}
-
 
 def side_by_side(part1: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """One top-level key per case (a stable shape for scripts): the batched path's events/s on
@@ -998,7 +1003,17 @@ def main(argv: list[str] | None = None) -> int:
         default=3.0,
         help="measured CPU seconds per row, over 3 interleaved repetitions",
     )
-    ap.add_argument("--profile-seconds", type=float, default=2.0)
+    ap.add_argument(
+        "--profile-seconds", type=float, default=2.0, help="CPU seconds profiled per case; 0: none"
+    )
+    ap.add_argument(
+        "--cases", nargs="+", choices=tuple(CASE_TARGETS), default=tuple(CASE_TARGETS),
+        help="part 1's cases to run (default: all)",
+    )
+    ap.add_argument(
+        "--configs", nargs="+", choices=CONFIGS, default=CONFIGS,
+        help="part 1's configurations to run (default: all)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object instead")
     ap.add_argument("--skip-kernel", action="store_true", help="part 1 only")
     args = ap.parse_args(argv)
@@ -1023,7 +1038,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log("part 2: sensor on two Lab pods, sockperf load")
             report["part2"] = part2(args.seconds, log)
-        report["part1"] = part1(args.seconds, args.profile_seconds, log)
+        report["part1"] = part1(args.seconds, args.profile_seconds, log, args.cases, args.configs)
         report.update(side_by_side(report["part1"]))
     except BenchError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)

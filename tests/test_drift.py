@@ -23,9 +23,11 @@ from infertap.agent.inspect.drift import (
     Thresholds,
     chance_thresholds,
     js_distance,
+    ks_sorted,
     ks_statistic,
     psi,
 )
+from infertap.agent.inspect.features import stack_matrices
 from infertap.agent.inspect.findings import Finding
 from infertap.agent.models.inference_event import InferenceEvent
 
@@ -383,3 +385,79 @@ def test_chance_thresholds_change_nothing_on_large_samples() -> None:
     ks = chance_thresholds("ks", Thresholds(0.2, 0.3), 89, 89, 10)
     assert ks.warn == pytest.approx(1.6276 * math.sqrt(2 / 89), rel=1e-3)  # c(0.01) = 1.6276
     assert ks.alert == 0.3  # c(0.001) sqrt(2/89) = 0.292: the configured level is higher
+
+
+def _exact_reference(f: NumericFeature, window: FloatArray, epsilon: float) -> tuple[float, ...]:
+    """psi(), ks_sorted() and js_distance() of a window's values, as the monitor once computed
+    them on the values themselves (it now keeps cell codes and judges features together)."""
+    counts = bin_counts(f.edges, window)
+    sketch = np.sort(np.asarray(f.quantiles, dtype=np.float64))
+    return (
+        psi(f.counts, counts, epsilon),
+        ks_sorted(sketch, window),
+        js_distance(f.counts, counts),
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_judgement_equals_the_per_feature_formulas_to_the_bit(
+    seed: int, tmp_path: Path
+) -> None:
+    """Every judgement of every feature (continuous, integer with ties, binary, a bin with no
+    training value, NaN and inf in the stream) equals psi/ks_sorted/js_distance on the window's
+    values exactly, for windows filling and full, fed one event at a time and as matrices."""
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(20, 400))
+    train = np.column_stack(
+        [
+            rng.normal(size=3000),
+            rng.integers(0, 6, size=3000).astype(np.float64),  # ties in bins and the sketch
+            (rng.random(3000) < 0.1).astype(np.float64),  # binary: three bins, one empty
+            rng.exponential(2.0, size=3000),
+            rng.integers(0, 40, size=3000).astype(np.float64),
+        ]
+    )
+    names = ["c", "small_int", "flag", "skewed", "wide_int"]
+    bins = int(rng.choice([4, 10, 13]))
+    np.save(tmp_path / "train.npy", train)
+    build_baseline(tmp_path / "train.npy", "m", tmp_path / "b.json", features=names, bins=bins)
+    baseline = Baseline.load(tmp_path / "b.json")
+    cfg = DriftConfig(window=size, min_samples=max(1, size // 3), evaluate_every=1)
+    one, batched = DriftMonitor(baseline, cfg), DriftMonitor(baseline, cfg)
+    history: list[FloatArray] = []
+    events: list[InferenceEvent] = []
+    for _ in range(40):
+        rows = int(rng.integers(1, 30))
+        x = np.column_stack(
+            [
+                rng.normal(rng.choice([0.0, 1.5]), size=rows),
+                rng.integers(0, 8, size=rows),
+                (rng.random(rows) < rng.choice([0.1, 0.9])).astype(np.float64),
+                rng.exponential(2.0, size=rows),
+                rng.integers(0, 50, size=rows),
+            ]
+        ).astype(np.float64)
+        if rng.random() < 0.2:
+            x[rng.integers(0, rows), rng.integers(0, 5)] = rng.choice([np.nan, np.inf])
+        history.append(x)
+        events.append(_event({"x": x}))
+        one.observe(events[-1])
+        seen = np.concatenate(history)
+        for j, name in enumerate(names):
+            f = baseline.feature(name)
+            assert isinstance(f, NumericFeature)
+            col = seen[:, j][np.isfinite(seen[:, j])][-size:]
+            fd = one.current().get(name)
+            if len(col) < cfg.min_n:
+                assert fd is None
+                continue
+            assert fd is not None and fd.n == len(col)
+            eps = max(cfg.epsilon, 0.5 / len(col))
+            assert (fd.psi, fd.ks, fd.js) == _exact_reference(f, col, eps), name
+    matrices = [e.inputs["x"] for e in events]
+    values, spans = stack_matrices(matrices)
+    batched_findings = batched.observe_matrices(values, spans)
+    assert batched.current() == one.current()
+    assert batched.skipped == one.skipped
+    replay = DriftMonitor(baseline, cfg)
+    assert batched_findings == [replay.observe(e) for e in events]

@@ -40,7 +40,6 @@ from infertap.agent.inspect.baseline import (
     Baseline,
     CategoricalFeature,
     NumericFeature,
-    bin_counts,
 )
 from infertap.agent.inspect.features import FeatureColumns, RowSpans, extract_features
 from infertap.agent.inspect.findings import Finding, Severity
@@ -202,10 +201,10 @@ def chance_thresholds(
 
 
 class _Window:
-    """The last `size` values of one feature, in a ring buffer."""
+    """The last `size` entries of one feature (values, or rows of codes), in a ring buffer."""
 
-    def __init__(self, size: int, dtype: type[np.generic]) -> None:
-        self.buf = np.zeros(size, dtype=dtype)
+    def __init__(self, size: int, dtype: type[np.generic], width: int = 0) -> None:
+        self.buf = np.zeros((size, width) if width else size, dtype=dtype)
         self.size = size
         self.pos = 0
         self.n = 0
@@ -229,26 +228,75 @@ class _Window:
 
 
 class _NumericTracker:
-    def __init__(self, f: NumericFeature, window: int) -> None:
+    """A numeric feature's window, kept as one cell code per value instead of the value. The
+    cuts are the sketch's distinct values and the bin edges, u_0 < ... < u_m-1; a value on u_i
+    has code 2i+1, one between u_i-1 and u_i code 2i (#cuts < v + #cuts <= v). The codes are
+    offset to this feature's row of its monitor's cell counts, so judging every feature is one
+    bincount of their windows, and no sort (_NumericStats).
+
+    Why the cell counts are all a judgement needs: a histogram bin is a run of cells (every
+    edge is a cut), and the sketch's ECDF is constant between two cuts, so over each such
+    stretch the largest gap to the window's ECDF is at its ends, #(window <= u_i) and
+    #(window < u_i+1): the cumulative counts of the cells. ks_sorted() takes that maximum over
+    the sketch's and the window's values; every value it sees is one of these (tested)."""
+
+    def __init__(self, f: NumericFeature, window: int, offset: int) -> None:
         self.edges = np.asarray(f.edges, dtype=np.float64)
         self.expected = np.asarray(f.counts, dtype=np.float64)
-        self.sketch = np.sort(np.asarray(f.quantiles, dtype=np.float64))  # for ks_sorted
-        self.window = _Window(window, np.float64)
-        self.seen = np.zeros(len(self.expected), dtype=np.int64)  # every value ever, per bin
+        self.sketch = np.sort(np.asarray(f.quantiles, dtype=np.float64))
+        self.cuts = np.unique(np.concatenate([self.sketch, self.edges]))
+        self.bins = len(self.expected)
+        self.cells = 2 * len(self.cuts) + 1
+        self.offset = offset
+        self.window = _Window(window, np.int64)
+        self.seen = np.zeros(self.bins, dtype=np.int64)  # every value ever, per bin
+        # Each cell's histogram bin (#edges < v, as bin_counts bins), and where each bin's
+        # cells end: the bins' counts are differences of the cells' cumulative counts.
+        bin_of = np.zeros(self.cells, dtype=np.int64)
+        bin_of[1::2] = np.searchsorted(self.edges, self.cuts, side="left")
+        bin_of[2::2] = np.searchsorted(self.edges, self.cuts, side="right")
+        self.bin_of = bin_of
+        self.bin_ends = np.searchsorted(bin_of, np.arange(self.bins), side="right") - 1
+        # What every judgement divides by, worked out once as psi() and js_distance() do.
+        self.base_n = float(self.expected.sum())
+        self.nonzero_bins = int(np.count_nonzero(self.expected))
+        self.share = self.expected / self.expected.sum()
+        self._floored: tuple[float, npt.NDArray[np.float64]] | None = None
+
+    def floored(self, epsilon: float) -> npt.NDArray[np.float64]:
+        """psi()'s expected shares at `epsilon` (the same while the window is full)."""
+        if self._floored is None or self._floored[0] != epsilon:
+            self._floored = (epsilon, np.maximum(self.share, epsilon))
+        return self._floored[1]
+
+    def sketch_cdf(self, width: int) -> npt.NDArray[np.float64]:
+        """The sketch's ECDF per cell as ks_sorted() divides it, padded with 1.0 to `width`
+        (a padded cell holds the window's total, so its gap is 0)."""
+        out = np.ones(width, dtype=np.float64)
+        if len(self.sketch):
+            below = np.searchsorted(self.sketch, self.cuts, side="right")  # #(sketch <= u_i)
+            at = np.zeros(self.cells, dtype=np.int64)
+            at[1::2] = below
+            at[2::2] = below
+            out[: self.cells] = at / len(self.sketch)
+        return out
+
+    def codes(self, finite: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+        """Cell codes of finite values, in order, counting them into `seen`."""
+        left = np.searchsorted(self.cuts, finite, side="left")
+        code = 2 * left
+        if len(self.cuts):
+            code += self.cuts.take(left, mode="clip") == finite  # on the cut: one cell on
+        self.seen += np.bincount(self.bin_of[code], minlength=self.bins)
+        code += self.offset
+        return code
 
     def add(self, values: npt.NDArray[Any]) -> int:
         """Add finite values; returns how many were dropped as NaN/inf."""
         v = np.asarray(values, dtype=np.float64)
         finite = v[np.isfinite(v)]
-        self.window.extend(finite)
-        self.seen += bin_counts(self.edges, finite)
+        self.window.extend(self.codes(finite))
         return len(v) - len(finite)
-
-    def judge(self, epsilon: float) -> tuple[float | None, float | None, float | None]:
-        w = self.window.values()
-        actual = bin_counts(self.edges, w)
-        ks = ks_sorted(self.sketch, w) if len(self.sketch) else None
-        return psi(self.expected, actual, epsilon), ks, js_distance(self.expected, actual)
 
 
 class _CategoricalTracker:
@@ -260,6 +308,8 @@ class _CategoricalTracker:
         self.expected = np.asarray([*f.counts, f.other_count], dtype=np.float64)
         self.window = _Window(window, np.int64)
         self.seen = np.zeros(len(self.expected), dtype=np.int64)  # every value ever, per bin
+        self.base_n = float(self.expected.sum())
+        self.nonzero_bins = int(np.count_nonzero(self.expected))
 
     def add(self, values: npt.NDArray[Any]) -> int:
         v = np.asarray(values).astype(str)
@@ -277,6 +327,86 @@ class _CategoricalTracker:
         return psi(self.expected, actual, epsilon), None, js_distance(self.expected, actual)
 
 
+_Stats = tuple[float | None, float | None, float | None]  # psi, ks, js
+
+
+def _kl_sums(x: npt.NDArray[np.float64], m: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Per row of x, js_distance's kl: the sum of x log2(x / m) over the row's nonzero cells.
+    Rows with as many nonzero cells are summed together as a matrix: a row sum of a matrix adds
+    in the order a sum of that row alone does (tested), a sum with zeros left in does not."""
+    nz = x > 0
+    kept = x[nz]
+    terms = kept * np.log2(kept / m[nz])  # the rows' cells in order, one after the other
+    lengths = np.count_nonzero(nz, axis=1)
+    if (lengths == lengths[0]).all():
+        sums: npt.NDArray[np.float64] = np.sum(terms.reshape(len(x), int(lengths[0])), axis=1)
+        return sums
+    out = np.empty(len(x), dtype=np.float64)
+    starts = np.cumsum(lengths) - lengths
+    for length in np.unique(lengths).tolist():
+        rows = np.flatnonzero(lengths == length)
+        out[rows] = np.sum(terms[starts[rows, None] + np.arange(length)], axis=1)
+    return out
+
+
+class _NumericStats:
+    """PSI, KS and JS of many numeric features' windows at once, equal to psi(), ks_sorted()
+    and js_distance() of each window's values to the last bit (tests check it): every cell's
+    arithmetic is the one those do, and sums over bins are row sums of same-length rows."""
+
+    def __init__(self, trackers: list[_NumericTracker], width: int) -> None:
+        self.trackers = trackers
+        self.width = width  # cells per tracker row (the most any tracker has)
+        self.total = width * len(trackers)
+        self.sketch_cdf = np.stack([t.sketch_cdf(width) for t in trackers]) if trackers else None
+        self._plans: dict[tuple[int, ...], list[tuple[list[int], npt.NDArray[np.intp]]]] = {}
+
+    def _plan(self, which: tuple[int, ...]) -> list[tuple[list[int], npt.NDArray[np.intp]]]:
+        """The judged trackers by bin count: their places in `which`, and where their bins'
+        cells end in the judged rows' cumulative counts, flattened."""
+        plan = self._plans.get(which)
+        if plan is None:
+            by_bins: dict[int, list[int]] = {}
+            for place, k in enumerate(which):
+                by_bins.setdefault(self.trackers[k].bins, []).append(place)
+            plan = []
+            for places in by_bins.values():
+                ends = [p * self.width + self.trackers[which[p]].bin_ends for p in places]
+                plan.append((places, np.stack(ends)))
+            self._plans[which] = plan
+        return plan
+
+    def judge(self, which: tuple[int, ...], epsilons: list[float]) -> list[_Stats]:
+        trackers = [self.trackers[k] for k in which]
+        windows = [t.window.values() for t in trackers]
+        codes = windows[0] if len(windows) == 1 else np.concatenate(windows)
+        counts = np.bincount(codes, minlength=self.total).reshape(len(self.trackers), self.width)
+        n = np.array([t.window.n for t in trackers], dtype=np.int64)
+        cum = np.cumsum(counts[list(which)], axis=1)
+        assert self.sketch_cdf is not None
+        gap = np.abs(self.sketch_cdf[list(which)] - cum / n[:, None])
+        ks = np.max(gap, axis=1).tolist()
+        psis: list[float] = [0.0] * len(which)
+        jss: list[float] = [0.0] * len(which)
+        flat = cum.ravel()
+        for places, ends in self._plan(which):
+            actual = np.diff(flat[ends], axis=1, prepend=0).astype(np.float64)
+            live = actual / n[places, None].astype(np.float64)
+            group = [trackers[p] for p in places]
+            eps = [epsilons[p] for p in places]
+            floor = np.array(eps, dtype=np.float64)[:, None]
+            expected = np.stack([t.floored(e) for t, e in zip(group, eps, strict=True)])
+            a = np.maximum(live, floor)
+            psi_rows = np.sum((a - expected) * np.log(a / expected), axis=1).tolist()
+            share = np.stack([t.share for t in group])
+            m = (share + live) / 2
+            kl_p, kl_q = _kl_sums(share, m).tolist(), _kl_sums(live, m).tolist()
+            for row, place in enumerate(places):
+                psis[place] = psi_rows[row]
+                jss[place] = math.sqrt(max((kl_p[row] + kl_q[row]) / 2, 0.0))
+        return [(psis[i], ks[i] if len(t.sketch) else None, jss[i]) for i, t in enumerate(trackers)]
+
+
 # --- monitor -------------------------------------------------------------------------------------
 
 
@@ -287,14 +417,29 @@ class DriftMonitor:
         self.baseline = baseline
         self.config = config or DriftConfig()
         self._trackers: dict[str, _NumericTracker | _CategoricalTracker] = {}
+        numeric: list[_NumericTracker] = []
+        # A feature with no finite training value cannot drift.
+        wanted = [
+            f for f in baseline.features if isinstance(f, NumericFeature) and (f.edges or f.finite)
+        ]
+        width = max(
+            (2 * len(np.unique(np.concatenate([f.quantiles, f.edges]))) + 1 for f in wanted),
+            default=1,
+        )
+        self._index: dict[str, int] = {}  # numeric feature -> its row in self._stats
         for f in baseline.features:
             if isinstance(f, NumericFeature):
-                if f.edges or f.finite:  # a feature with no finite training value cannot drift
-                    self._trackers[f.name] = _NumericTracker(f, self.config.window)
+                if f.edges or f.finite:
+                    tracker = _NumericTracker(f, self.config.window, width * len(numeric))
+                    self._index[f.name] = len(numeric)
+                    numeric.append(tracker)
+                    self._trackers[f.name] = tracker
             else:
                 self._trackers[f.name] = _CategoricalTracker(f, self.config.window)
+        self._stats = _NumericStats(numeric, width)
         self._current: dict[str, FeatureDrift] = {}
         self._levels: dict[tuple[str, str], Severity | None] = {}
+        self._chance: dict[tuple[str, Thresholds, float, int, int], Thresholds] = {}
         self.skipped: Counter[str] = Counter()  # reason -> count (events or values)
 
     @property
@@ -316,7 +461,7 @@ class DriftMonitor:
 
     def observe_columns(self, columns: Mapping[str, npt.ArrayLike]) -> list[Finding]:
         """Add 1-D values per feature name (unknown names are counted and ignored)."""
-        findings: list[Finding] = []
+        due: list[str] = []  # judged after all are added: a judgement reads its own window only
         for name, values in columns.items():
             tracker = self._trackers.get(name)
             if tracker is None:
@@ -328,8 +473,8 @@ class DriftMonitor:
             w = tracker.window
             if w.n >= self.config.min_n and w.fresh >= self.config.every:
                 w.fresh = 0
-                findings.extend(self._judge(name, tracker))
-        return findings
+                due.append(name)
+        return self._judge(due) if due else []
 
     def observe_matrices(
         self, values: npt.NDArray[np.float64], rows: RowSpans
@@ -340,57 +485,110 @@ class DriftMonitor:
         Each feature's values for the whole run go into its window in at most a few slices: the
         events after which observe() would judge (its window full enough and `every` values
         fresh) are found from the running count of finite values, and the window is judged
-        exactly there, so levels, findings and gauges come out as one event at a time."""
+        exactly there (all features due after one event together), so levels, findings and
+        gauges come out as one event at a time."""
         out: list[list[Finding]] = [[] for _ in range(len(rows))]
         need, every = self.config.min_n, self.config.every
+        finite = np.isfinite(values)
+        all_finite = bool(finite.all())
+        shared_ends: npt.NDArray[np.int64] | None = None
+        # Per event that judges: (feature, where its window's slice ends), in feature order.
+        due: dict[int, list[tuple[str, int]]] = {}
+        codes_of: dict[str, npt.NDArray[np.int64]] = {}  # the run's cell codes per feature
+        plans: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (n, fresh) -> judgements
         for j, f in enumerate(self.baseline.features):
             tracker = self._trackers.get(f.name)
             if tracker is None:
                 self.skipped["unknown_feature"] += len(rows)
                 continue
-            column = values[:, j]
-            finite = np.isfinite(column)
-            kept = column[finite]
-            if len(kept) != len(column):
-                self.skipped["nonfinite_value"] += len(column) - len(kept)
             assert isinstance(tracker, _NumericTracker)  # matrices: all-numeric baselines
-            tracker.seen += bin_counts(tracker.edges, kept)
-            ends = np.cumsum(rows.count_per_event(finite))
+            if all_finite:
+                kept = values[:, j]
+                if shared_ends is None:
+                    shared_ends = np.cumsum(rows.count_per_event(finite[:, 0]))
+                ends = shared_ends
+            else:
+                kept = values[:, j][finite[:, j]]
+                if len(kept) != len(values):
+                    self.skipped["nonfinite_value"] += len(values) - len(kept)
+                ends = np.cumsum(rows.count_per_event(finite[:, j]))
+            codes = tracker.codes(np.ascontiguousarray(kept))
             w = tracker.window
-            taken = 0  # values of `kept` already in the window
-            first = 0  # events before this one are in the window
-            while first < len(ends):
-                # observe() judges after the first event that brings both thresholds in reach.
-                target = taken + max(every - w.fresh, need - w.n)
-                i = first + int(np.searchsorted(ends[first:], target, side="left"))
-                if i >= len(ends):
-                    break
-                first = i + 1
-                end = int(ends[i])
-                w.extend(kept[taken:end])
-                taken = end
+            key = (w.n, w.fresh)
+            plan = plans.get(key) if all_finite else None
+            if plan is None:
+                plan = _judgements(ends, w.n, w.fresh, w.size, need, every)
+                if all_finite:
+                    plans[key] = plan
+            for i, end in plan:
+                due.setdefault(i, []).append((f.name, end))
+            codes_of[f.name] = codes
+        taken = dict.fromkeys(codes_of, 0)  # codes already in the window, per feature
+        for i in sorted(due):
+            names = []
+            for name, end in due[i]:
+                w = self._trackers[name].window
+                w.extend(codes_of[name][taken[name] : end])
+                taken[name] = end
                 w.fresh = 0
-                out[i].extend(self._judge(f.name, tracker))
-            w.extend(kept[taken:])
+                names.append(name)
+            out[i].extend(self._judge(names))
+        for name, codes in codes_of.items():
+            self._trackers[name].window.extend(codes[taken[name] :])
         return out
 
-    def _judge(self, name: str, tracker: _NumericTracker | _CategoricalTracker) -> list[Finding]:
-        n = tracker.window.n
+    def _epsilon(self, n: int) -> float:
         # An empty live bin means a share under about one value in the window, not 1e-4: the
         # floor is half a value (a continuity correction), or epsilon when that is larger.
-        epsilon = max(self.config.epsilon, 0.5 / max(n, 1))
-        values = dict(zip(STATS, tracker.judge(epsilon), strict=True))
+        return max(self.config.epsilon, 0.5 / max(n, 1))
+
+    def _judge(self, names: list[str]) -> list[Finding]:
+        """Judge these features' windows now (the numeric ones together); findings in the
+        order of `names`."""
+        numeric = [name for name in names if name in self._index]
+        stats: dict[str, _Stats] = {}
+        if numeric:
+            which = tuple(self._index[name] for name in numeric)
+            eps = [self._epsilon(self._trackers[name].window.n) for name in numeric]
+            stats = dict(zip(numeric, self._stats.judge(which, eps), strict=True))
+        findings: list[Finding] = []
+        for name in names:
+            tracker = self._trackers[name]
+            n = tracker.window.n
+            values = stats.get(name)
+            if values is None:
+                assert isinstance(tracker, _CategoricalTracker)
+                values = tracker.judge(self._epsilon(n))
+            findings += self._level_changes(name, tracker, n, values)
+        return findings
+
+    def _thresholds(
+        self, stat: str, configured: Thresholds, base_n: float, n: int, bins: int
+    ) -> Thresholds:
+        key = (stat, configured, base_n, n, bins)
+        t = self._chance.get(key)
+        if t is None:
+            if len(self._chance) >= 4096:  # a handful of windows' sizes and baselines: bounded
+                self._chance.clear()
+            t = self._chance[key] = chance_thresholds(stat, configured, base_n, n, bins)
+        return t
+
+    def _level_changes(
+        self,
+        name: str,
+        tracker: _NumericTracker | _CategoricalTracker,
+        n: int,
+        stats: _Stats,
+    ) -> list[Finding]:
+        values = dict(zip(STATS, stats, strict=True))
         findings: list[Finding] = []
         worst: Severity | None = None
-        base_n = float(tracker.expected.sum())
-        bins = int(np.count_nonzero(tracker.expected))
+        base_n, bins = tracker.base_n, tracker.nonzero_bins
         for stat, value in values.items():
             configured = self.config.thresholds.get(stat)
             if value is None or configured is None:
                 continue
-            t = chance_thresholds(stat, configured, base_n, n, bins)
-            raised = "" if t == configured else f" (raised from {configured.warn:g}/"
-            raised += f"{configured.alert:g} for {base_n:.0f} baseline values)" if raised else ""
+            t = self._thresholds(stat, configured, base_n, n, bins)
             level: Severity | None = (
                 "alert" if value >= t.alert else "warn" if value >= t.warn else None
             )
@@ -405,7 +603,9 @@ class DriftMonitor:
             else:
                 limit = t.alert if level == "alert" else t.warn
                 msg = f"{stat} {value:.3f} >= {level} {limit:.3g} over the last {n} values"
-            msg += raised
+            if t != configured:
+                msg += f" (raised from {configured.warn:g}/{configured.alert:g} for {base_n:.0f}"
+                msg += " baseline values)"
             findings.append(
                 Finding(
                     kind="drift",
@@ -442,3 +642,24 @@ class DriftMonitor:
             for name, fd in self._current.items()
             for stat, value in fd.stats().items()
         }
+
+
+def _judgements(
+    ends: npt.NDArray[np.int64], n: int, fresh: int, size: int, need: int, every: int
+) -> list[tuple[int, int]]:
+    """The events after which observe() judges a window of `size` holding `n` values (`fresh`
+    of them new since its last judgement) that is fed events whose values end at `ends`:
+    (event, values fed by its end). observe() judges after the first event that brings both
+    `need` values and `every` fresh ones in reach."""
+    out: list[tuple[int, int]] = []
+    taken = first = 0
+    while first < len(ends):
+        target = taken + max(every - fresh, need - n)
+        i = first + int(np.searchsorted(ends[first:], target, side="left"))
+        if i >= len(ends):
+            break
+        end = int(ends[i])
+        n, fresh = min(size, n + end - taken), 0
+        taken, first = end, i + 1
+        out.append((i, end))
+    return out
