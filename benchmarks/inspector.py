@@ -887,7 +887,6 @@ def _prefilled(
 # Report
 
 
-
 def side_by_side(part1: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """One top-level key per case (a stable shape for scripts): the batched path's events/s on
     one core with PII and drift on (events_per_s), today's one-by-one path measured in the same
@@ -1007,11 +1006,17 @@ def main(argv: list[str] | None = None) -> int:
         "--profile-seconds", type=float, default=2.0, help="CPU seconds profiled per case; 0: none"
     )
     ap.add_argument(
-        "--cases", nargs="+", choices=tuple(CASE_TARGETS), default=tuple(CASE_TARGETS),
+        "--cases",
+        nargs="+",
+        choices=tuple(CASE_TARGETS),
+        default=tuple(CASE_TARGETS),
         help="part 1's cases to run (default: all)",
     )
     ap.add_argument(
-        "--configs", nargs="+", choices=CONFIGS, default=CONFIGS,
+        "--configs",
+        nargs="+",
+        choices=CONFIGS,
+        default=CONFIGS,
         help="part 1's configurations to run (default: all)",
     )
     ap.add_argument("--json", action="store_true", help="print one JSON object instead")
