@@ -28,6 +28,7 @@ from infertap.agent.protocols.http2 import (
     MAX_REMEMBERED_BLOCKS,
     MAX_REMEMBERED_BYTES,
     Http2Connection,
+    _plain_block_sid,
     _plain_frame_ok,
 )
 from infertap.agent.protocols.messages import HttpExchange
@@ -300,3 +301,36 @@ def test_ping_and_window_update_frames_pass_where_hyperframe_parses_them(
     except Exception:
         parses = False
     assert _plain_frame_ok(raw, length) == parses
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    ftype=st.sampled_from([0x1, 0x9]),
+    flags=st.integers(0, 255),
+    sid=st.sampled_from([0, 1, 7, 2**31 - 1, 2**31, 2**31 + 3, 2**32 - 1]),
+    payload=st.binary(max_size=40),
+)
+def test_headers_and_continuation_read_directly_only_as_hyperframe_parses_them(
+    ftype: int, flags: int, sid: int, payload: bytes
+) -> None:
+    """The direct read of a plain HEADERS or CONTINUATION frame gives hyperframe's stream id
+    and block fragment (its whole payload), and is taken for no frame hyperframe would parse
+    otherwise (padding, priority) or refuse (stream 0)."""
+    raw = memoryview(
+        len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
+    )
+    direct = _plain_block_sid(raw)
+    try:
+        frame, _ = Frame.parse_frame_header(raw[:9])
+        frame.parse_body(raw[9:])
+    except Exception:
+        assert direct == 0
+        return
+    if direct:
+        assert direct == frame.stream_id
+        assert frame.data == payload  # type: ignore[attr-defined]
+        assert ("END_HEADERS" in frame.flags) == bool(flags & 0x4)
+        if ftype == 0x1:
+            assert ("END_STREAM" in frame.flags) == bool(flags & 0x1)
+    else:
+        assert ftype == 0x1 and flags & 0x28  # only padded or prioritised HEADERS fall back

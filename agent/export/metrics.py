@@ -231,23 +231,36 @@ _Series = tuple[Counter | Histogram, tuple[str, ...]]  # a metric and one child'
 
 
 class _SeriesIndex:
-    """Which series each label value has, so an expired value's series can be removed."""
+    """Which series each label value has, so an expired value's series can be removed; and
+    each series' child, so a count is a dict lookup, not a labels() call per model call."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_key: dict[tuple[str, str], set[_Series]] = {}
+        self._children: dict[_Series, Any] = {}
 
-    def add(
+    def child(
         self, key: tuple[str, str], metric: Counter | Histogram, labels: tuple[str, ...]
-    ) -> None:
+    ) -> Any:
+        """metric.labels(*labels), its series noted under `key`. A child is remembered until
+        its key expires; one a count takes while remove() runs may miss that count, as a
+        labels() call then would."""
+        series = (metric, labels)
+        found = self._children.get(series)  # no lock: a dict read is atomic
+        if found is not None:
+            return found
         with self._lock:
-            self._by_key.setdefault(key, set()).add((metric, labels))
+            found = self._children[series] = metric.labels(*labels)
+            self._by_key.setdefault(key, set()).add(series)
+            return found
 
     def remove(self, match: Callable[[tuple[str, str]], bool]) -> int:
         """Remove the series of every key `match` accepts; returns how many went."""
         with self._lock:
             keys = [k for k in self._by_key if match(k)]
             gone = [series for k in keys for series in self._by_key.pop(k)]
+            for series in gone:
+                self._children.pop(series, None)
         for metric, labels in gone:
             with contextlib.suppress(KeyError):
                 metric.remove(*labels)
@@ -279,8 +292,7 @@ class TrafficMetrics:
         method = method.upper() if method.upper() in KNOWN_METHODS else "OTHER"
         code_label = str(code) if code and 100 <= code <= 999 else "none"
         labels = (*pod, service, method, code_label)
-        self.http_requests.labels(*labels).inc()
-        self._series.add((service, ""), self.http_requests, labels)
+        self._series.child((service, ""), self.http_requests, labels).inc()
 
     def expire(self, now: float | None = None) -> int:
         """Remove the series of services not seen for the TTL; returns how many went."""
@@ -360,17 +372,14 @@ class InferenceMetrics:
         # Versions of models folded into "other" mean nothing together: one label for them.
         v = OTHER if m == OTHER else self._version_label(m)(version[:64], now)
         req = (*pod, m, v, protocol, self._codes(code[:32], now))
-        self.requests.labels(*req).inc()
-        self._series.add((m, v), self.requests, req)
+        self._series.child((m, v), self.requests, req).inc()
         if latency_s is not None:
             lat = (*pod, m, v, protocol)
-            self.latency.labels(*lat).observe(latency_s)
-            self._series.add((m, v), self.latency, lat)
+            self._series.child((m, v), self.latency, lat).observe(latency_s)
 
     def count_pii(self, pod: PodLabels, model: str, pii_type: str) -> None:
         labels = (*pod, self.model_label(model, self._clock()), pii_type[:40])
-        self.pii.labels(*labels).inc()
-        self._series.add((labels[-2], _ANY_VERSION), self.pii, labels)
+        self._series.child((labels[-2], _ANY_VERSION), self.pii, labels).inc()
 
     def count_tokens(self, model: str, usage: Mapping[str, int]) -> None:
         """An OpenAI-style call's token usage (prompt, completion, total)."""
@@ -380,8 +389,7 @@ class InferenceMetrics:
         m = self.model_label(model, self._clock())
         for kind, n in counts.items():
             if n >= 0:
-                self.tokens.labels(m, kind).inc(n)
-                self._series.add((m, _ANY_VERSION), self.tokens, (m, kind))
+                self._series.child((m, _ANY_VERSION), self.tokens, (m, kind)).inc(n)
 
     def _version_label(self, model_label: str) -> BoundedLabel:
         with self._versions_lock:

@@ -71,6 +71,9 @@ _HEADER_BEARING = frozenset({_TYPE_HEADERS, _TYPE_PUSH_PROMISE, _TYPE_CONTINUATI
 _ON_STREAM = frozenset({0x0, 0x1, 0x2, 0x3, 0x5, 0x9})  # frames that need a stream id
 _ON_CONNECTION = frozenset({0x4, 0x6, 0x7})  # SETTINGS, PING, GOAWAY: stream 0 only
 _FLAG_END_STREAM = 0x1
+_FLAG_END_HEADERS = 0x4
+_FLAGS_PADDED_PRIORITY = 0x8 | 0x20  # HEADERS: bytes to take off before the block fragment
+_PLAIN_BLOCK_TYPES = frozenset({_TYPE_HEADERS, _TYPE_CONTINUATION})
 _FRAME_HEADER = struct.Struct(">HBBBL")
 
 
@@ -97,6 +100,15 @@ def plausible_frames(data: memoryview) -> bool:
         pos += FRAME_HEADER_LEN + length
     # One header alone is weak evidence unless its frame ends exactly with the send.
     return count >= 2 or (count == 1 and pos == len(data))
+
+
+def _plain_block_sid(raw: memoryview) -> int:
+    """For a HEADERS or CONTINUATION frame (raw: header and payload) that hyperframe parses
+    with its whole payload as the block fragment (no padding, no priority, a stream id): the
+    stream id; else 0 (hyperframe then parses it, or reports it malformed)."""
+    if raw[4] & _FLAGS_PADDED_PRIORITY and raw[3] == _TYPE_HEADERS:
+        return 0
+    return _frame_header(raw)[3]
 
 
 @dataclass(slots=True)
@@ -315,8 +327,14 @@ class Http2StreamDecoder:
             self._conn.end_stream(self.direction, self._data_sid, ts)
 
     def _control_frame(self, raw: memoryview, length: int, ts: int) -> None:
-        if raw[3] in _PLAIN_TYPES and _plain_frame_ok(raw, length):
+        ftype = raw[3]
+        if ftype in _PLAIN_TYPES and _plain_frame_ok(raw, length):
             return  # a well-formed PING or WINDOW_UPDATE: gRPC sends several per call
+        if ftype in _PLAIN_BLOCK_TYPES:
+            sid = _plain_block_sid(raw)
+            if sid:
+                self._block_fragment(ftype, raw[4], sid, raw[FRAME_HEADER_LEN:], ts)
+                return
         frame: Frame
         try:
             frame, _ = Frame.parse_frame_header(raw[:FRAME_HEADER_LEN])
@@ -329,35 +347,71 @@ class Http2StreamDecoder:
                 self._break_hpack()
             return
         if isinstance(frame, HeadersFrame | PushPromiseFrame):
-            if self._block is not None:
-                self._break_hpack()  # a new block before the last one ended
-            self._block = bytearray(frame.data)
-            self._block_sid = frame.stream_id
-            self._block_end_stream = "END_STREAM" in frame.flags
-            self._block_is_push = isinstance(frame, PushPromiseFrame)
-            self._block_ts = ts
-            if "END_HEADERS" in frame.flags:
-                self._end_block()
+            self._start_block(
+                frame.data,
+                frame.stream_id,
+                "END_STREAM" in frame.flags,
+                isinstance(frame, PushPromiseFrame),
+                "END_HEADERS" in frame.flags,
+                ts,
+            )
         elif isinstance(frame, ContinuationFrame):
-            if self._block is None or frame.stream_id != self._block_sid:
-                if self.hpack_ok:
-                    self._stats["parse_errors"] += 1
-                    self._conn.lost("parse_error")
-                    self._break_hpack()
-                return
-            self._block += frame.data
-            if len(self._block) > MAX_HEADER_BLOCK:
-                self._stats["h2_header_blocks_over_limit"] += 1
-                self._conn.lost("over_limit")
-                self._block = None
-                self._break_hpack()
-                self._conn.headers(self.direction, self._block_sid, None, False, ts)
-                return
-            if "END_HEADERS" in frame.flags:
-                self._end_block()
+            self._continue_block(frame.data, frame.stream_id, "END_HEADERS" in frame.flags, ts)
         elif isinstance(frame, RstStreamFrame):
             self._conn.reset(self.direction, frame.stream_id, ts)
         # SETTINGS, PING, GOAWAY, WINDOW_UPDATE, PRIORITY and extensions change nothing here.
+
+    def _block_fragment(
+        self, ftype: int, flags: int, sid: int, payload: memoryview, ts: int
+    ) -> None:
+        """A HEADERS or CONTINUATION frame without padding or priority (what clients send),
+        read straight from its bytes: what hyperframe would parse from it, without its frame
+        and flag objects."""
+        end_headers = bool(flags & _FLAG_END_HEADERS)
+        if ftype == _TYPE_HEADERS:
+            end_stream = bool(flags & _FLAG_END_STREAM)
+            self._start_block(payload, sid, end_stream, False, end_headers, ts)
+        else:
+            self._continue_block(payload, sid, end_headers, ts)
+
+    def _start_block(
+        self,
+        fragment: bytes | memoryview,
+        sid: int,
+        end_stream: bool,
+        push: bool,
+        end_headers: bool,
+        ts: int,
+    ) -> None:
+        if self._block is not None:
+            self._break_hpack()  # a new block before the last one ended
+        self._block = bytearray(fragment)
+        self._block_sid = sid
+        self._block_end_stream = end_stream
+        self._block_is_push = push
+        self._block_ts = ts
+        if end_headers:
+            self._end_block()
+
+    def _continue_block(
+        self, fragment: bytes | memoryview, sid: int, end_headers: bool, ts: int
+    ) -> None:
+        if self._block is None or sid != self._block_sid:
+            if self.hpack_ok:
+                self._stats["parse_errors"] += 1
+                self._conn.lost("parse_error")
+                self._break_hpack()
+            return
+        self._block += fragment
+        if len(self._block) > MAX_HEADER_BLOCK:
+            self._stats["h2_header_blocks_over_limit"] += 1
+            self._conn.lost("over_limit")
+            self._block = None
+            self._break_hpack()
+            self._conn.headers(self.direction, self._block_sid, None, False, ts)
+            return
+        if end_headers:
+            self._end_block()
 
     def _end_block(self) -> None:
         block = self._block
