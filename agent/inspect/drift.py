@@ -330,23 +330,40 @@ class _CategoricalTracker:
 _Stats = tuple[float | None, float | None, float | None]  # psi, ks, js
 
 
-def _kl_sums(x: npt.NDArray[np.float64], m: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """Per row of x, js_distance's kl: the sum of x log2(x / m) over the row's nonzero cells.
-    Rows with as many nonzero cells are summed together as a matrix: a row sum of a matrix adds
-    in the order a sum of that row alone does (tested), a sum with zeros left in does not."""
-    nz = x > 0
-    kept = x[nz]
-    terms = kept * np.log2(kept / m[nz])  # the rows' cells in order, one after the other
-    lengths = np.count_nonzero(nz, axis=1)
-    if (lengths == lengths[0]).all():
-        sums: npt.NDArray[np.float64] = np.sum(terms.reshape(len(x), int(lengths[0])), axis=1)
+def _row_sums(
+    terms: npt.NDArray[np.float64], mask: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.float64]:
+    """Per row of `mask`, the sum of its cells' `terms` (the masked cells, row after row), as
+    js_distance's kl sums a row's nonzero cells. Rows with as many cells are summed together
+    as a matrix: a row sum of a matrix adds in the order a sum of that row alone does (tested),
+    a sum with zeros left in does not."""
+    lengths = np.count_nonzero(mask, axis=1)
+    first = int(lengths[0])
+    if (lengths == first).all():
+        sums: npt.NDArray[np.float64] = np.sum(terms.reshape(len(mask), first), axis=1)
         return sums
-    out = np.empty(len(x), dtype=np.float64)
+    out = np.empty(len(mask), dtype=np.float64)
     starts = np.cumsum(lengths) - lengths
     for length in np.unique(lengths).tolist():
         rows = np.flatnonzero(lengths == length)
         out[rows] = np.sum(terms[starts[rows, None] + np.arange(length)], axis=1)
     return out
+
+
+@dataclass(slots=True)
+class _BinGroup:
+    """Judged trackers with as many bins (their rows are summed together), and what their
+    judgements share: where each bin's cells start and end in the padded cumulative counts,
+    the baseline's shares and their nonzero cells (js_distance's kl of them)."""
+
+    places: list[int]  # their places among the judged trackers
+    rows: npt.NDArray[np.intp]
+    hi: npt.NDArray[np.intp]  # [trackers, bins] into [0, *cumulative counts]: a bin's last cell
+    lo: npt.NDArray[np.intp]  # ... the cell before its first (0: none)
+    share: npt.NDArray[np.float64]
+    share_nz: npt.NDArray[np.bool_]
+    share_kept: npt.NDArray[np.float64]
+    floors: tuple[tuple[float, ...], npt.NDArray[np.float64], npt.NDArray[np.float64]] | None
 
 
 class _NumericStats:
@@ -359,11 +376,10 @@ class _NumericStats:
         self.width = width  # cells per tracker row (the most any tracker has)
         self.total = width * len(trackers)
         self.sketch_cdf = np.stack([t.sketch_cdf(width) for t in trackers]) if trackers else None
-        self._plans: dict[tuple[int, ...], list[tuple[list[int], npt.NDArray[np.intp]]]] = {}
+        self._plans: dict[tuple[int, ...], list[_BinGroup]] = {}
 
-    def _plan(self, which: tuple[int, ...]) -> list[tuple[list[int], npt.NDArray[np.intp]]]:
-        """The judged trackers by bin count: their places in `which`, and where their bins'
-        cells end in the judged rows' cumulative counts, flattened."""
+    def _plan(self, which: tuple[int, ...]) -> list[_BinGroup]:
+        """The judged trackers by bin count."""
         plan = self._plans.get(which)
         if plan is None:
             by_bins: dict[int, list[int]] = {}
@@ -371,8 +387,16 @@ class _NumericStats:
                 by_bins.setdefault(self.trackers[k].bins, []).append(place)
             plan = []
             for places in by_bins.values():
-                ends = [p * self.width + self.trackers[which[p]].bin_ends for p in places]
-                plan.append((places, np.stack(ends)))
+                group = [self.trackers[which[p]] for p in places]
+                hi = np.stack(
+                    [1 + p * self.width + t.bin_ends for p, t in zip(places, group, strict=True)]
+                )
+                lo = np.zeros_like(hi)
+                lo[:, 1:] = hi[:, :-1]
+                share = np.stack([t.share for t in group])
+                nz = share > 0
+                rows = np.array(places, dtype=np.intp)
+                plan.append(_BinGroup(places, rows, hi, lo, share, nz, share[nz], None))
             self._plans[which] = plan
         return plan
 
@@ -382,26 +406,33 @@ class _NumericStats:
         codes = windows[0] if len(windows) == 1 else np.concatenate(windows)
         counts = np.bincount(codes, minlength=self.total).reshape(len(self.trackers), self.width)
         n = np.array([t.window.n for t in trackers], dtype=np.int64)
-        cum = np.cumsum(counts[list(which)], axis=1)
+        judged = list(which)
+        cum = np.cumsum(counts[judged], axis=1)
         assert self.sketch_cdf is not None
-        gap = np.abs(self.sketch_cdf[list(which)] - cum / n[:, None])
+        gap = np.abs(self.sketch_cdf[judged] - cum / n[:, None])
         ks = np.max(gap, axis=1).tolist()
         psis: list[float] = [0.0] * len(which)
         jss: list[float] = [0.0] * len(which)
-        flat = cum.ravel()
-        for places, ends in self._plan(which):
-            actual = np.diff(flat[ends], axis=1, prepend=0).astype(np.float64)
-            live = actual / n[places, None].astype(np.float64)
-            group = [trackers[p] for p in places]
-            eps = [epsilons[p] for p in places]
-            floor = np.array(eps, dtype=np.float64)[:, None]
-            expected = np.stack([t.floored(e) for t, e in zip(group, eps, strict=True)])
+        padded = np.concatenate((np.zeros(1, dtype=np.int64), cum.ravel()))
+        nf = n.astype(np.float64)
+        for g in self._plan(which):
+            actual = (padded[g.hi] - padded[g.lo]).astype(np.float64)
+            live = actual / nf[g.rows, None]
+            eps = tuple(epsilons[p] for p in g.places)
+            if g.floors is None or g.floors[0] != eps:
+                group = [trackers[p] for p in g.places]
+                floored = np.stack([t.floored(e) for t, e in zip(group, eps, strict=True)])
+                g.floors = (eps, np.array(eps, dtype=np.float64)[:, None], floored)
+            _eps, floor, expected = g.floors
             a = np.maximum(live, floor)
             psi_rows = np.sum((a - expected) * np.log(a / expected), axis=1).tolist()
-            share = np.stack([t.share for t in group])
-            m = (share + live) / 2
-            kl_p, kl_q = _kl_sums(share, m).tolist(), _kl_sums(live, m).tolist()
-            for row, place in enumerate(places):
+            m = (g.share + live) / 2
+            kept = g.share_kept
+            kl_p = _row_sums(kept * np.log2(kept / m[g.share_nz]), g.share_nz).tolist()
+            q_nz = live > 0
+            kept = live[q_nz]
+            kl_q = _row_sums(kept * np.log2(kept / m[q_nz]), q_nz).tolist()
+            for row, place in enumerate(g.places):
                 psis[place] = psi_rows[row]
                 jss[place] = math.sqrt(max((kl_p[row] + kl_q[row]) / 2, 0.0))
         return [(psis[i], ks[i] if len(t.sketch) else None, jss[i]) for i, t in enumerate(trackers)]
@@ -439,7 +470,7 @@ class DriftMonitor:
         self._stats = _NumericStats(numeric, width)
         self._current: dict[str, FeatureDrift] = {}
         self._levels: dict[tuple[str, str], Severity | None] = {}
-        self._chance: dict[tuple[str, Thresholds, float, int, int], Thresholds] = {}
+        self._chance: dict[tuple[str, int], list[tuple[str, Thresholds, Thresholds]]] = {}
         self.skipped: Counter[str] = Counter()  # reason -> count (events or values)
 
     @property
@@ -563,15 +594,21 @@ class DriftMonitor:
         return findings
 
     def _thresholds(
-        self, stat: str, configured: Thresholds, base_n: float, n: int, bins: int
-    ) -> Thresholds:
-        key = (stat, configured, base_n, n, bins)
-        t = self._chance.get(key)
-        if t is None:
-            if len(self._chance) >= 4096:  # a handful of windows' sizes and baselines: bounded
+        self, name: str, tracker: _NumericTracker | _CategoricalTracker, n: int
+    ) -> list[tuple[str, Thresholds, Thresholds]]:
+        """(stat, configured, in force) per configured statistic, for a window of n values of
+        this feature (chance_thresholds depends on nothing else: worked out once per n)."""
+        key = (name, n)
+        found = self._chance.get(key)
+        if found is None:
+            if len(self._chance) >= 4096:  # features x window sizes seen: bounded anyway
                 self._chance.clear()
-            t = self._chance[key] = chance_thresholds(stat, configured, base_n, n, bins)
-        return t
+            found = self._chance[key] = [
+                (stat, c, chance_thresholds(stat, c, tracker.base_n, n, tracker.nonzero_bins))
+                for stat in STATS
+                if (c := self.config.thresholds.get(stat)) is not None
+            ]
+        return found
 
     def _level_changes(
         self,
@@ -583,12 +620,11 @@ class DriftMonitor:
         values = dict(zip(STATS, stats, strict=True))
         findings: list[Finding] = []
         worst: Severity | None = None
-        base_n, bins = tracker.base_n, tracker.nonzero_bins
-        for stat, value in values.items():
-            configured = self.config.thresholds.get(stat)
-            if value is None or configured is None:
+        base_n = tracker.base_n
+        for stat, configured, t in self._thresholds(name, tracker, n):
+            value = values[stat]
+            if value is None:
                 continue
-            t = self._thresholds(stat, configured, base_n, n, bins)
             level: Severity | None = (
                 "alert" if value >= t.alert else "warn" if value >= t.warn else None
             )
