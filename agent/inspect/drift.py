@@ -330,39 +330,47 @@ class _CategoricalTracker:
 _Stats = tuple[float | None, float | None, float | None]  # psi, ks, js
 
 
-def _row_sums(
-    terms: npt.NDArray[np.float64], mask: npt.NDArray[np.bool_]
-) -> npt.NDArray[np.float64]:
-    """Per row of `mask`, the sum of its cells' `terms` (the masked cells, row after row), as
-    js_distance's kl sums a row's nonzero cells. Rows with as many cells are summed together
-    as a matrix: a row sum of a matrix adds in the order a sum of that row alone does (tested),
-    a sum with zeros left in does not."""
-    lengths = np.count_nonzero(mask, axis=1)
-    first = int(lengths[0])
-    if (lengths == first).all():
-        sums: npt.NDArray[np.float64] = np.sum(terms.reshape(len(mask), first), axis=1)
-        return sums
-    out = np.empty(len(mask), dtype=np.float64)
-    starts = np.cumsum(lengths) - lengths
+_Groups = list[tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]]  # (rows, [rows, cells] at)
+
+
+def _grouped_sums(terms: npt.NDArray[np.float64], groups: _Groups, n: int) -> list[float]:
+    """Per row, the sum of its cells' terms: rows with as many cells are summed together as a
+    matrix, since a row sum of a matrix adds in the order a sum of that row alone does (tested)
+    and a sum with zeros padded in does not."""
+    out = np.empty(n, dtype=np.float64)
+    for rows, at in groups:
+        out[rows] = np.sum(terms[at], axis=1)
+    sums: list[float] = out.tolist()
+    return sums
+
+
+def _groups(starts: npt.NDArray[np.intp], lengths: npt.NDArray[np.intp]) -> _Groups:
+    """Rows (cells starts[i]..starts[i] + lengths[i] - 1 of a flat array) by length."""
+    if (lengths == lengths[0]).all():
+        rows = np.arange(len(lengths))
+        return [(rows, starts[:, None] + np.arange(int(lengths[0])))]
+    out: _Groups = []
     for length in np.unique(lengths).tolist():
         rows = np.flatnonzero(lengths == length)
-        out[rows] = np.sum(terms[starts[rows, None] + np.arange(length)], axis=1)
+        out.append((rows, starts[rows, None] + np.arange(length)))
     return out
 
 
 @dataclass(slots=True)
-class _BinGroup:
-    """Judged trackers with as many bins (their rows are summed together), and what their
-    judgements share: where each bin's cells start and end in the padded cumulative counts,
-    the baseline's shares and their nonzero cells (js_distance's kl of them)."""
+class _Plan:
+    """What judging one set of trackers shares from one judgement to the next. Their bins
+    ("cells" here) lie one tracker after the other in flat arrays, so each step of psi() and
+    js_distance() is one numpy operation over all of them; only the sums go by tracker."""
 
-    places: list[int]  # their places among the judged trackers
-    rows: npt.NDArray[np.intp]
-    hi: npt.NDArray[np.intp]  # [trackers, bins] into [0, *cumulative counts]: a bin's last cell
+    hi: npt.NDArray[np.intp]  # per bin: its last cell in [0, *cumulative counts]
     lo: npt.NDArray[np.intp]  # ... the cell before its first (0: none)
-    share: npt.NDArray[np.float64]
-    share_nz: npt.NDArray[np.bool_]
+    row: npt.NDArray[np.intp]  # per bin: its tracker's place among the judged
+    first: npt.NDArray[np.intp]  # per judged tracker: its first bin
+    by_bins: _Groups  # psi's sums over each tracker's bins
+    share: npt.NDArray[np.float64]  # the baseline's share of each bin (js_distance's pp)
+    share_at: npt.NDArray[np.intp]  # its nonzero bins
     share_kept: npt.NDArray[np.float64]
+    share_sums: _Groups  # kl(pp)'s sums over each tracker's nonzero bins
     floors: tuple[tuple[float, ...], npt.NDArray[np.float64], npt.NDArray[np.float64]] | None
 
 
@@ -376,27 +384,36 @@ class _NumericStats:
         self.width = width  # cells per tracker row (the most any tracker has)
         self.total = width * len(trackers)
         self.sketch_cdf = np.stack([t.sketch_cdf(width) for t in trackers]) if trackers else None
-        self._plans: dict[tuple[int, ...], list[_BinGroup]] = {}
+        self._plans: dict[tuple[int, ...], _Plan] = {}
 
-    def _plan(self, which: tuple[int, ...]) -> list[_BinGroup]:
-        """The judged trackers by bin count."""
+    def _plan(self, which: tuple[int, ...]) -> _Plan:
         plan = self._plans.get(which)
         if plan is None:
-            by_bins: dict[int, list[int]] = {}
-            for place, k in enumerate(which):
-                by_bins.setdefault(self.trackers[k].bins, []).append(place)
-            plan = []
-            for places in by_bins.values():
-                group = [self.trackers[which[p]] for p in places]
-                hi = np.stack(
-                    [1 + p * self.width + t.bin_ends for p, t in zip(places, group, strict=True)]
-                )
-                lo = np.zeros_like(hi)
-                lo[:, 1:] = hi[:, :-1]
-                share = np.stack([t.share for t in group])
-                nz = share > 0
-                rows = np.array(places, dtype=np.intp)
-                plan.append(_BinGroup(places, rows, hi, lo, share, nz, share[nz], None))
+            group = [self.trackers[k] for k in which]
+            hi = np.concatenate([1 + p * self.width + t.bin_ends for p, t in enumerate(group)])
+            lo = np.concatenate(
+                [
+                    np.concatenate(([0], 1 + p * self.width + t.bin_ends[:-1]))
+                    for p, t in enumerate(group)
+                ]
+            )
+            bins = np.array([t.bins for t in group], dtype=np.intp)
+            first = np.cumsum(bins) - bins
+            share = np.concatenate([t.share for t in group])
+            share_at = np.flatnonzero(share > 0)
+            kept_bins = np.array([np.count_nonzero(t.share) for t in group], dtype=np.intp)
+            plan = _Plan(
+                hi=hi,
+                lo=lo,
+                row=np.repeat(np.arange(len(group)), bins),
+                first=first,
+                by_bins=_groups(first, bins),
+                share=share,
+                share_at=share_at,
+                share_kept=share[share_at],
+                share_sums=_groups(np.cumsum(kept_bins) - kept_bins, kept_bins),
+                floors=None,
+            )
             self._plans[which] = plan
         return plan
 
@@ -411,31 +428,36 @@ class _NumericStats:
         assert self.sketch_cdf is not None
         gap = np.abs(self.sketch_cdf[judged] - cum / n[:, None])
         ks = np.max(gap, axis=1).tolist()
-        psis: list[float] = [0.0] * len(which)
-        jss: list[float] = [0.0] * len(which)
+        plan = self._plan(which)
         padded = np.concatenate((np.zeros(1, dtype=np.int64), cum.ravel()))
-        nf = n.astype(np.float64)
-        for g in self._plan(which):
-            actual = (padded[g.hi] - padded[g.lo]).astype(np.float64)
-            live = actual / nf[g.rows, None]
-            eps = tuple(epsilons[p] for p in g.places)
-            if g.floors is None or g.floors[0] != eps:
-                group = [trackers[p] for p in g.places]
-                floored = np.stack([t.floored(e) for t, e in zip(group, eps, strict=True)])
-                g.floors = (eps, np.array(eps, dtype=np.float64)[:, None], floored)
-            _eps, floor, expected = g.floors
-            a = np.maximum(live, floor)
-            psi_rows = np.sum((a - expected) * np.log(a / expected), axis=1).tolist()
-            m = (g.share + live) / 2
-            kept = g.share_kept
-            kl_p = _row_sums(kept * np.log2(kept / m[g.share_nz]), g.share_nz).tolist()
-            q_nz = live > 0
-            kept = live[q_nz]
-            kl_q = _row_sums(kept * np.log2(kept / m[q_nz]), q_nz).tolist()
-            for row, place in enumerate(g.places):
-                psis[place] = psi_rows[row]
-                jss[place] = math.sqrt(max((kl_p[row] + kl_q[row]) / 2, 0.0))
-        return [(psis[i], ks[i] if len(t.sketch) else None, jss[i]) for i, t in enumerate(trackers)]
+        actual = (padded[plan.hi] - padded[plan.lo]).astype(np.float64)
+        live = actual / n.astype(np.float64)[plan.row]  # the window's share of each bin
+        eps = tuple(epsilons)
+        if plan.floors is None or plan.floors[0] != eps:
+            floor = np.array(eps, dtype=np.float64)[plan.row]
+            floored = np.concatenate([t.floored(e) for t, e in zip(trackers, eps, strict=True)])
+            plan.floors = (eps, floor, floored)
+        _eps, floor, expected = plan.floors
+        a = np.maximum(live, floor)
+        psis = _grouped_sums((a - expected) * np.log(a / expected), plan.by_bins, len(which))
+        m = (plan.share + live) / 2
+        kept = plan.share_kept
+        kl_p = _grouped_sums(kept * np.log2(kept / m[plan.share_at]), plan.share_sums, len(which))
+        live_at = np.flatnonzero(live > 0)
+        kept = live[live_at]
+        starts = np.searchsorted(live_at, plan.first)  # each tracker's first nonzero bin
+        lengths = np.diff(starts, append=len(live_at))
+        kl_q = _grouped_sums(
+            kept * np.log2(kept / m[live_at]), _groups(starts, lengths), len(which)
+        )
+        return [
+            (
+                psis[i],
+                ks[i] if len(t.sketch) else None,
+                math.sqrt(max((kl_p[i] + kl_q[i]) / 2, 0.0)),
+            )
+            for i, t in enumerate(trackers)
+        ]
 
 
 # --- monitor -------------------------------------------------------------------------------------
@@ -470,7 +492,9 @@ class DriftMonitor:
         self._stats = _NumericStats(numeric, width)
         self._current: dict[str, FeatureDrift] = {}
         self._levels: dict[tuple[str, str], Severity | None] = {}
-        self._chance: dict[tuple[str, int], list[tuple[str, Thresholds, Thresholds]]] = {}
+        self._chance: dict[
+            tuple[str, int], list[tuple[int, str, Thresholds, Thresholds, tuple[str, str]]]
+        ] = {}
         self.skipped: Counter[str] = Counter()  # reason -> count (events or values)
 
     @property
@@ -595,17 +619,24 @@ class DriftMonitor:
 
     def _thresholds(
         self, name: str, tracker: _NumericTracker | _CategoricalTracker, n: int
-    ) -> list[tuple[str, Thresholds, Thresholds]]:
-        """(stat, configured, in force) per configured statistic, for a window of n values of
-        this feature (chance_thresholds depends on nothing else: worked out once per n)."""
+    ) -> list[tuple[int, str, Thresholds, Thresholds, tuple[str, str]]]:
+        """(place in STATS, stat, configured, in force, level key) per configured statistic,
+        for a window of n values of this feature (chance_thresholds depends on nothing else:
+        worked out once per n)."""
         key = (name, n)
         found = self._chance.get(key)
         if found is None:
             if len(self._chance) >= 4096:  # features x window sizes seen: bounded anyway
                 self._chance.clear()
             found = self._chance[key] = [
-                (stat, c, chance_thresholds(stat, c, tracker.base_n, n, tracker.nonzero_bins))
-                for stat in STATS
+                (
+                    i,
+                    stat,
+                    c,
+                    chance_thresholds(stat, c, tracker.base_n, n, tracker.nonzero_bins),
+                    (name, stat),
+                )
+                for i, stat in enumerate(STATS)
                 if (c := self.config.thresholds.get(stat)) is not None
             ]
         return found
@@ -617,12 +648,12 @@ class DriftMonitor:
         n: int,
         stats: _Stats,
     ) -> list[Finding]:
-        values = dict(zip(STATS, stats, strict=True))
         findings: list[Finding] = []
         worst: Severity | None = None
         base_n = tracker.base_n
-        for stat, configured, t in self._thresholds(name, tracker, n):
-            value = values[stat]
+        levels = self._levels
+        for i, stat, configured, t, key in self._thresholds(name, tracker, n):
+            value = stats[i]
             if value is None:
                 continue
             level: Severity | None = (
@@ -630,10 +661,9 @@ class DriftMonitor:
             )
             if level == "alert" or (level == "warn" and worst is None):
                 worst = level
-            before = self._levels.get((name, stat))
-            if level == before:
+            if level == levels.get(key):
                 continue
-            self._levels[(name, stat)] = level
+            levels[key] = level
             if level is None:
                 msg = f"{stat} {value:.3f} back under warn {t.warn:.3g} over the last {n} values"
             else:
@@ -653,9 +683,7 @@ class DriftMonitor:
                     message=msg,
                 )
             )
-        self._current[name] = FeatureDrift(
-            name, n, values["psi"], values["ks"], values["js"], worst
-        )
+        self._current[name] = FeatureDrift(name, n, stats[0], stats[1], stats[2], worst)
         return findings
 
     def current(self) -> dict[str, FeatureDrift]:
