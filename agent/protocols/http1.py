@@ -415,8 +415,10 @@ class Http1StreamDecoder:
         if msg is None:
             return
         target = msg.trailers if self._headers_done else msg.headers
-        if len(target) < MAX_HEADERS:
-            target.append((_text(name).lower(), _text(value)))
+        if len(target) < MAX_HEADERS:  # _text, inlined: this runs for every header
+            target.append(
+                (name.decode("utf-8", "replace").lower(), value.decode("utf-8", "replace"))
+            )
         else:
             if not self._headers_capped:  # a loss once per message, not per header
                 self._headers_capped = True
@@ -435,11 +437,17 @@ class Http1StreamDecoder:
             msg.path = _text(b"".join(self._url))
         else:
             msg.status = self._parser.get_status_code()
-        length = msg.header("content-length")
+        length: str | None = None
+        coding: str | None = None
+        for name, value in msg.headers:  # the first of each, as msg.header() gives it
+            if name == "content-length":
+                if length is None:
+                    length = value
+            elif name == "transfer-encoding" and coding is None:
+                coding = value
         if length is not None and length.strip().isdigit():
             msg.content_length = int(length)
-        coding = msg.header("transfer-encoding") or ""
-        self._chunked = "chunked" in coding.lower()
+        self._chunked = "chunked" in (coding or "").lower()
         self._bodyless = self._sink.http1_headers(msg) and not self._is_request
 
     def on_body(self, body: bytes) -> None:
