@@ -21,6 +21,7 @@ from infertap.agent.inspect.drift import (
     DriftConfig,
     DriftMonitor,
     Thresholds,
+    _CutIndex,
     chance_thresholds,
     js_distance,
     ks_sorted,
@@ -461,3 +462,44 @@ def test_vectorised_judgement_equals_the_per_feature_formulas_to_the_bit(
     assert batched.skipped == one.skipped
     replay = DriftMonitor(baseline, cfg)
     assert batched_findings == [replay.observe(e) for e in events]
+
+
+def _codes_by_search(cuts: FloatArray, v: FloatArray) -> npt.NDArray[np.int64]:
+    left = np.searchsorted(cuts, v, side="left")
+    right = np.searchsorted(cuts, v, side="right")
+    return (left + right).astype(np.int64)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_cut_index_equals_searchsorted_for_every_value(seed: int) -> None:
+    """The grid lookup of a window value's cell is searchsorted's answer, on the cuts, next to
+    them (one ulp either side), far outside them, and for crowded and spread cuts alike."""
+    rng = np.random.default_rng(seed)
+    kind = seed % 4
+    if kind == 0:
+        cuts = np.unique(rng.normal(size=101))
+    elif kind == 1:
+        cuts = np.unique(rng.exponential(1e-3, size=101))  # crowded near 0
+    elif kind == 2:
+        cuts = np.unique(rng.integers(0, 30, size=60).astype(np.float64))
+    else:
+        cuts = np.unique(np.concatenate([rng.normal(size=50), [-1e300, 1e300]]))
+    index = _CutIndex(cuts)
+    near = np.concatenate([cuts, np.nextafter(cuts, np.inf), np.nextafter(cuts, -np.inf)])
+    far = np.array([-1e308, 1e308, -np.finfo(np.float64).max, np.finfo(np.float64).max, 0.0, -0.0])
+    v = np.concatenate([near, far, rng.normal(size=2000) * rng.choice([1e-3, 1, 1e3])])
+    assert np.array_equal(index.codes(v), _codes_by_search(cuts, v))
+    if kind == 0:
+        assert index.grid is not None  # the fast path is what this checks
+
+
+def test_cut_index_of_one_cut_or_none() -> None:
+    for cuts in (np.array([]), np.array([2.5])):
+        v = np.array([-1.0, 2.5, 3.0, np.nextafter(2.5, 0)])
+        assert np.array_equal(_CutIndex(cuts).codes(v), _codes_by_search(cuts, v))
+
+
+def test_cut_index_of_cuts_a_denormal_apart() -> None:
+    cuts = np.array([0.0, 5e-324, 1e-323])
+    v = np.array([0.0, 5e-324, -1.0, 1.0, 7e-324])
+    assert np.array_equal(_CutIndex(cuts).codes(v), _codes_by_search(cuts, v))
