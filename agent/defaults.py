@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 DEFAULT_API = "unix:/run/infertap/api.sock"
@@ -11,6 +12,12 @@ DEFAULT_SAMPLE_BYTES = 4096  # bytes of each message copied to the ring (kernel 
 CAPTURE_CHOICES = ("skb", "sk_msg")
 DEFAULT_CAPTURE = "skb"
 DEFAULT_RUN_DIR = Path("/run/infertap")  # instance registry, API socket, kernel header tree
+MAX_RINGS = 8  # inspection workers at most: one ring buffer each (ITAP_MAX_RINGS, structs.py)
+
+
+def default_workers() -> int:
+    """`run --workers` when not given: the CPUs this agent may run on (its cpuset), capped."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_RINGS))
 
 
 def parse_host_port(text: str, what: str) -> tuple[str, int]:

@@ -33,6 +33,11 @@ class PodDirectory:
         with self._lock:
             self._names.pop(self._rel(cgroup_path), None)
 
+    def named(self) -> dict[str, PodLabels]:
+        """Discovery's names: cgroup path (below the mount) -> labels (for inspection workers)."""
+        with self._lock:
+            return dict(self._names)
+
     def _rel(self, path: Path) -> str:
         try:
             return "/" + str(path.relative_to(self._mount)).lstrip(".")

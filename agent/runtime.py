@@ -1,4 +1,10 @@
-"""The agent: owns the sensor, the reader thread, the metrics server and the API server.
+"""The agent: owns the sensor, the reader thread (or the inspection workers), the metrics
+server and the API server.
+
+With `workers` > 1 the sensor has one ring buffer per worker, and each worker process
+(agent/workers) runs a reader, a pipeline and its sinks for its ring; the agent keeps the kernel,
+the API, discovery, the policy watcher, verdicts, the circuit breaker and the event hub, and reads
+inspection state through an InspectionState (agent/workers/results.py) either way.
 
 Start order matters for the "ready" line: programs loaded and attached, metrics serving, API
 listening, then ready. Stop order is the reverse, and the sensor is always closed (detaching
@@ -8,13 +14,15 @@ everything) even when a later step failed.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from infertap.agent.api.port import AgentStatus, FlowRow, ModelsView
 from infertap.agent.defaults import (
@@ -40,10 +48,11 @@ from infertap.agent.export.metrics import (
     ModelStateCollector,
     TrafficMetrics,
     VisibilityCollector,
+    WorkerCollector,
 )
 from infertap.agent.export.pipeline_metrics import PipelineMetrics
 from infertap.agent.export.tracing import CallTracer
-from infertap.agent.export.tracing_spec import TracingSpec
+from infertap.agent.export.tracing_spec import TracingSpec, with_flags
 from infertap.agent.flows.records import Endpoint, FlowInfo
 from infertap.agent.inspect.engine import InspectionEngine
 from infertap.agent.kernel.ringbuf import RingReader
@@ -58,6 +67,14 @@ from infertap.agent.policy.loader import default_policy, load_policy
 from infertap.agent.policy.schema import Policy, SamplingSpec, observe_only
 from infertap.agent.polyfill.clients import ClientPods
 from infertap.agent.polyfill.unit import Polyfill
+from infertap.agent.workers.messages import Wants, WorkerSetup
+from infertap.agent.workers.pool import WorkerPool, clean_metrics_dirs
+from infertap.agent.workers.results import (
+    InspectionState,
+    LocalState,
+    MergedState,
+    ReportRouter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +82,8 @@ log = logging.getLogger(__name__)
 # Model calls inspected as one batch at most; a drain's calls are flushed when it ends anyway.
 INSPECT_BATCH = 512
 READ_INTERVAL_S = 0.02  # samples reach the pipeline within this, unless the ring fills first
+WORKER_REPORT_S = 0.5  # inspection workers send their state (API views, drift) this often
+WORKER_START_S = 30.0  # workers that have not reported by then: logged, started anyway
 
 
 @dataclass
@@ -90,6 +109,8 @@ class AgentOptions:
     otlp_endpoint: str | None = None  # tracing: OTLP/gRPC host:port; given, it wins over policy
     trace_sample_ratio: float | None = None  # tracing: share of new traces; None = policy's
     capture: str | None = None  # "skb" or "sk_msg"; None: the policy's sampling.capture
+    # Inspection processes, one ring buffer each (1: in this process, the reader thread).
+    workers: int = 1
     extra: dict[str, str] = field(default_factory=dict)
 
     def sampling(self, policy: SamplingSpec) -> tuple[int, int]:
@@ -101,12 +122,7 @@ class AgentOptions:
 
     def tracing(self, policy: TracingSpec) -> TracingSpec:
         """The policy's tracing section with the command line's flags over it."""
-        spec = policy
-        if self.otlp_endpoint is not None:
-            spec = replace(spec, endpoint=self.otlp_endpoint)
-        if self.trace_sample_ratio is not None:
-            spec = replace(spec, sample_ratio=self.trace_sample_ratio)
-        return spec
+        return with_flags(policy, self.otlp_endpoint, self.trace_sample_ratio)
 
     @property
     def mode(self) -> str:
@@ -130,6 +146,7 @@ class Agent:
                 accelerate=options.accelerate,
                 # The flag wins over the policy; fixed for the agent's life (see Governor).
                 capture=options.capture or policy.sampling.capture,
+                n_rings=options.workers,
             )
         )
         self.events = EventHub()
@@ -141,8 +158,11 @@ class Agent:
         ):
             collector(registry=self.registry)
         self.accounting = FlowAccounting()
-        self.traffic = TrafficMetrics(self.registry)
-        self.inference = InferenceMetrics(self.registry)
+        # With workers, theirs are served (merged from their multiprocess files): the agent's
+        # own inspection metrics are never updated, so they are kept off the page.
+        inspected = self.registry if options.workers == 1 else CollectorRegistry()
+        self.traffic = TrafficMetrics(inspected)
+        self.inference = InferenceMetrics(inspected)
         self.engine = InspectionEngine()
         self.policy_hash = ""
         self.pods = PodDirectory(self.sensor.mount)
@@ -151,7 +171,7 @@ class Agent:
         self.store = VerdictStore(self.sensor)
         # Every verdict change, whoever makes it (breaker, policy action, API), is an event.
         self.verdicts = AnnouncedVerdicts(self.store, self.events.publish)
-        self.mirror = Mirror(self.events, self.registry)  # configured by the policy applier
+        self.mirror = Mirror(self.events, inspected)  # configured by the policy applier
         self.actions = FindingActions(policy, self.verdicts, self.events.publish)
         self.pipeline = Pipeline(
             self.pods,
@@ -195,6 +215,7 @@ class Agent:
                 lambda p: self.inference.model_label.set_known(m.name for m in p.models),
                 lambda p: self.tracer.configure(options.tracing(p.tracing)),
                 self.actions.reconfigure,
+                self._to_workers,
                 self._policy_in_force,
             ),
         )
@@ -210,6 +231,9 @@ class Agent:
         self.reader_error: str = ""
         self._watcher: Any = None
         self._watch_thread: threading.Thread | None = None
+        self.pool: WorkerPool | None = None  # with workers > 1, from start()
+        self._metrics_dir: Path | None = None
+        self.state: InspectionState = LocalState(self.pipeline, self.engine)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -234,7 +258,8 @@ class Agent:
         if self.steering is not None:
             self.steering.start()  # before the policy is applied: it sets the routes
         self.policy.apply(self.policy.policy)
-        self.mirror.start()
+        if self.options.workers == 1:
+            self.mirror.start()  # with workers, each mirrors its own calls
         self.actions.start()
         if self.options.policy is not None:
             self.policy.watch(self.options.policy)
@@ -248,23 +273,25 @@ class Agent:
                 if self.steering is not None:
                     self.steering.attach(cg)
                 self._find_uninspected(path)
-        self._reader = RingReader(self.sensor.ring_fd, self.sensor.ring_size)
-        self._reader_thread = threading.Thread(
-            target=self._read_loop, name="ring-reader", daemon=True
-        )
-        self._reader_thread.start()
+        if self.options.workers > 1:
+            self._start_workers()
+        else:
+            self._reader = RingReader(self.sensor.ring_fd, self.sensor.ring_size)
+            self._reader_thread = threading.Thread(
+                target=self._read_loop, name="ring-reader", daemon=True
+            )
+            self._reader_thread.start()
+        self.registry.register(WorkerCollector(self.worker_restarts))
         self.registry.register(
             KernelCollector(self.sensor.flows, self.sensor.stats, self.pods.labels, self.accounting)
         )
-        self.registry.register(
-            VisibilityCollector(self.pipeline.decoder.losses.counts, self.uninspected_counts)
-        )
+        self.registry.register(VisibilityCollector(self.state.decode_lost, self.uninspected_counts))
         self.registry.register(
             ModelStateCollector(
-                self.engine.drift_values,
+                self.state.drift_values,
                 self.actions.states,
                 lambda: self.policy_hash,
-                self.engine.bin_values,
+                self.state.bin_values,
                 model_label=self.inference.model_label.peek,
             )
         )
@@ -279,6 +306,53 @@ class Agent:
             api.start()
             self.api = api
         self.ready = True
+
+    def _start_workers(self) -> None:
+        """One process per ring (agent/workers): they take over everything after the ring."""
+        path = clean_metrics_dirs(self.options.run_dir)
+        self._metrics_dir = path
+        self.registry.register(MultiProcessCollector(None, path=str(path)))  # type: ignore[no-untyped-call]
+        route = ReportRouter(
+            self.events, self.actions, self.accounting, self.pods, self.inference.model_label
+        )
+        pool = WorkerPool(
+            self.sensor.ring_fds,
+            path,
+            self._worker_setup,
+            route,
+            lambda: Wants(*self.events.wanted()),
+            self.pods.named,
+        )
+        self.pool = pool
+        self.state = MergedState(pool.snapshots)
+        pool.start()
+        if not pool.wait_ready(WORKER_START_S):
+            log.warning("not every inspection worker reported within %.0f s", WORKER_START_S)
+
+    def _worker_setup(self, index: int) -> WorkerSetup:
+        """Worker `index`'s first message, made when it (re)starts: the policy in force now."""
+        return WorkerSetup(
+            index=index,
+            ring_size=self.sensor.ring_size,
+            cgroup_mount=str(self.sensor.mount),
+            policy=self.policy.policy,
+            pods=self.pods.named(),
+            wants=Wants(*self.events.wanted()),
+            batch_size=INSPECT_BATCH,
+            read_interval_s=READ_INTERVAL_S,
+            report_interval_s=WORKER_REPORT_S,
+            otlp_endpoint=self.options.otlp_endpoint,
+            trace_sample_ratio=self.options.trace_sample_ratio,
+            log_level=logging.getLogger().getEffectiveLevel(),
+        )
+
+    def _to_workers(self, policy: Policy) -> None:
+        """A policy put in force here (so known good) goes to every worker."""
+        if self.pool is not None:
+            self.pool.policy_in_force(policy)
+
+    def worker_restarts(self) -> int:
+        return self.pool.restarts if self.pool is not None else 0
 
     def start_tls(self) -> TlsUnit:
         """Load the TLS plaintext unit (after the sensor: it shares its maps). Idempotent."""
@@ -333,6 +407,8 @@ class Agent:
         )
 
     def healthy(self) -> bool:
+        if self.pool is not None:
+            return self.pool.alive()
         return self._reader_thread is not None and self._reader_thread.is_alive()
 
     def stop(self) -> None:
@@ -355,6 +431,8 @@ class Agent:
             self._watch_thread.join(timeout=5)  # it detaches every pod as it ends
             self._watch_thread = None
         self.events.close()
+        if self.pool is not None:
+            self.pool.stop()  # each drains its ring and sends its last report first
         if self._reader_thread is not None:
             self._reader_thread.join(timeout=5)
             self._reader_thread = None
@@ -364,6 +442,9 @@ class Agent:
         if self.metrics is not None:
             self.metrics.stop()
             self.metrics = None
+        if self._metrics_dir is not None:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)  # the workers' metric files
+            self._metrics_dir = None
         if self.polyfill is not None:
             self.polyfill.stop()  # its rewriters and map entries, before the maps go
         self.clients.release()
@@ -412,7 +493,7 @@ class Agent:
     def uninspected_counts(self) -> dict[str, int]:
         """Connections in the watched pods whose traffic is not inspected, by reason."""
         counts = self.uninspected.counts()
-        for reason, n in self.pipeline.decoder.uninspected_counts().items():
+        for reason, n in self.state.uninspected_counts().items():
             counts[reason] = counts.get(reason, 0) + n
         return counts
 
@@ -476,18 +557,20 @@ class Agent:
             headers=self.sensor.headers.origin if self.sensor.headers else "",
             sample_bytes=sample_bytes,
             sample_one_in=sample_one_in,
-            decode_lost=self.pipeline.decoder.losses.by_key(),
+            decode_lost={f"{p}/{r}": n for (p, r), n in sorted(self.state.decode_lost().items())},
             connections_uninspected=self.uninspected_counts(),
+            workers=self.options.workers,
+            worker_restarts=self.worker_restarts(),
         )
 
     def flow_rows(self) -> list[FlowRow]:
-        snap = self.pipeline.snapshot()  # the API's thread: never the decoder itself
+        protocols, uninspected = self.state.flow_states()
         rows = [
             FlowRow(
                 f,
                 self.pods.path_of(f.cgroup_id),
-                snap.protocols.get(f.cookie, ""),
-                uninspected=snap.uninspected.get(f.cookie, ""),
+                protocols.get(f.cookie, ""),
+                uninspected=uninspected.get(f.cookie, ""),
             )
             for f in self.flows()
         ]
@@ -498,7 +581,7 @@ class Agent:
         return rows
 
     def models(self) -> ModelsView:
-        return ModelsView(self.actions.states(), self.engine.drift_values(), self.policy_hash)
+        return ModelsView(self.actions.states(), self.state.drift_values(), self.policy_hash)
 
     def subscribe(self, kinds: frozenset[str]) -> Subscription:
         return self.events.subscribe(kinds)

@@ -31,6 +31,8 @@ from infertap.agent.defaults import (
     DEFAULT_API,
     DEFAULT_METRICS,
     DEFAULT_SAMPLE_BYTES,
+    MAX_RINGS,
+    default_workers,
     parse_host_port,
 )
 from infertap.agent.errors import InfertapError
@@ -174,6 +176,18 @@ def run(
             help="Attach to this node's inspected pods as they come and go (needs NODE_NAME).",
         ),
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            max=MAX_RINGS,
+            show_default=False,
+            help="Inspection processes, each with its own ring buffer, flows shared out by "
+            f"connection; 1 = inspect in the agent's process. Default: the CPUs in the agent's "
+            f"cpuset, at most {MAX_RINGS}.",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     tls_dir: TlsOpt = None,
     api_allow: Annotated[
@@ -216,6 +230,7 @@ def run(
         otlp_endpoint=otlp_endpoint,
         trace_sample_ratio=trace_sample_ratio,
         capture=capture,
+        workers=workers if workers is not None else default_workers(),
     )
     if otlp_endpoint:
         host, sep, otlp_port = otlp_endpoint.rpartition(":")
@@ -392,6 +407,10 @@ def status(
     )
     out.print(
         f"  sampling: {st.sample_bytes} bytes of each message, 1 flow in {st.sample_one_in}",
+        highlight=False,
+    )
+    out.print(
+        f"  inspection: {st.workers or 1} worker(s), {st.worker_restarts} restarted",
         highlight=False,
     )
     for k, v in sorted(st.kernel_stats.items()):

@@ -27,6 +27,8 @@ class AgentStatus:
     sample_one_in: int = 0
     decode_lost: dict[str, int] = field(default_factory=dict)  # "protocol/reason" -> count
     connections_uninspected: dict[str, int] = field(default_factory=dict)  # reason -> count
+    workers: int = 1  # inspection processes (run --workers)
+    worker_restarts: int = 0  # workers restarted after they died
 
 
 @dataclass(frozen=True)

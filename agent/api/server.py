@@ -125,6 +125,8 @@ class ControlServicer(pb_grpc.ControlServicer):
             sample_one_in=st.sample_one_in,
             decode_lost=st.decode_lost,
             connections_uninspected=st.connections_uninspected,
+            workers=st.workers,
+            worker_restarts=st.worker_restarts,
         )
 
     def ListFlows(

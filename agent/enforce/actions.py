@@ -70,13 +70,24 @@ class FindingActions(PipelineSink):
         self, event: InferenceEvent, findings: list[Finding], client_flow: int | None
     ) -> None:
         """Every inference event, with its findings (often none). Runs on the reader thread."""
-        self.breaker.note_service(event.model, event.service)
+        self.on_call(event.model, event.service, findings, client_flow)
+
+    def on_call(
+        self,
+        model: str,
+        service: Endpoint,
+        findings: list[Finding],
+        client_flow: int | None,
+    ) -> None:
+        """One model call of `model` served at `service`, with its findings: from the agent's
+        own pipeline, or summarised by an inspection worker (agent/workers). Any thread."""
+        self.breaker.note_service(model, service)
         policy = self.policy
         for f in findings:
             # Every finding goes to the breaker: it trips only on those whose action is
             # circuit_break, but needs the others too (a drift level falling back to "info" is
             # what lets an open circuit close).
-            self._circuit(self.breaker.record(f, event.service))
+            self._circuit(self.breaker.record(f, service))
             action = policy.action_for(f.kind, f.severity)
             if action == "block_flow" and client_flow is not None:
                 self._verdicts.block_flow(client_flow, f"{f.kind} {f.type}")

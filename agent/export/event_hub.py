@@ -85,6 +85,11 @@ class EventHub:
         skip building an event nobody would receive."""
         return self._wants_all or kind in self._wanted
 
+    def wanted(self) -> tuple[bool, frozenset[str]]:
+        """(any subscriber takes every kind, the kinds subscribers name): what wants() answers
+        from, for inspection workers that publish from another process."""
+        return self._wants_all, self._wanted
+
     def publish(self, event: AgentEvent) -> None:
         self.published += 1
         with self._lock:

@@ -73,6 +73,8 @@ METRICS: dict[str, MetricSpec] = {
     # "decoder_failed": intercepted, but no byte of it is decoded).
     "infertap_decode_lost_total": MetricSpec("counter", ("protocol", "reason")),
     "infertap_connections_uninspected": MetricSpec("gauge", ("reason",)),
+    # Inspection worker processes (run --workers N) restarted after they died; agent-wide.
+    "infertap_worker_restarts_total": MetricSpec("counter", ()),
     # Shadow mirroring (agent/mirror), per mirrored model; result: agree, disagree, error, skipped.
     "infertap_shadow_requests_total": MetricSpec("counter", ("model", "result")),
     # Largest absolute output difference, shadow against primary, per mirrored request.

@@ -521,6 +521,21 @@ class VisibilityCollector(Collector):
         yield unseen
 
 
+class WorkerCollector(Collector):
+    """Inspection workers restarted after they died (agent/workers/pool.py), read at scrape
+    time; 0 with one worker (the agent's own reader thread)."""
+
+    def __init__(self, restarts: Callable[[], int]) -> None:
+        self._restarts = restarts
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "infertap_worker_restarts_total",
+            "Inspection worker processes restarted after they died.",
+            value=self._restarts(),
+        )
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -3,7 +3,7 @@ import, so a policy can be read and validated without the exporter loaded."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DEFAULT_LINK_WINDOW_S = 1.0
 
@@ -22,3 +22,12 @@ class TracingSpec:
     @property
     def enabled(self) -> bool:
         return bool(self.endpoint)
+
+
+def with_flags(spec: TracingSpec, endpoint: str | None, sample_ratio: float | None) -> TracingSpec:
+    """A policy's tracing section with the command line's flags (given: not None) over it."""
+    if endpoint is not None:
+        spec = replace(spec, endpoint=endpoint)
+    if sample_ratio is not None:
+        spec = replace(spec, sample_ratio=sample_ratio)
+    return spec

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes as ct
 from pathlib import Path
 
+from infertap.agent import defaults
+
 BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
 HEADER = BPF_DIR / "infertap.h"
 
@@ -16,7 +18,7 @@ SAMPLE_SMALL = 512
 SAMPLE_MEDIUM = 4096
 SAMPLE_MAX = 16384
 
-MAX_RINGS = 8  # ring buffers (inspection workers) at most: ITAP_MAX_RINGS
+MAX_RINGS = defaults.MAX_RINGS  # ring buffers (inspection workers) at most: ITAP_MAX_RINGS
 
 ROLE_CLIENT = 1
 ROLE_SERVER = 2
