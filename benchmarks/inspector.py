@@ -40,7 +40,14 @@ decode_record only, and with the full Pipeline.handle), with the kernel's sample
 samples_lost over the same window; and, because the producer may not reach the target on two
 cores, the pure consume rate of a ring the kernel filled while nobody read it.
 
+Part 3, workers (benchmarks/inspector_workers.py; no root needed): one inspection worker against
+two, side by side, each the real worker (agent/workers/worker.py) in its own process on its own
+core, fed recorded records (rest-small and grpc-small, full inspection) through the reader's
+drain. --json adds a top-level "workers" key: one_worker_events_per_s, two_workers_events_per_s,
+speedup (rest-small), target_speedup, and "cases" with the same three per case.
+
     .venv/bin/python -m benchmarks.inspector [--seconds N] [--json] [--profile-seconds N]
+                                             [--skip-kernel] [--skip-workers]
 """
 
 from __future__ import annotations
@@ -1020,7 +1027,8 @@ def main(argv: list[str] | None = None) -> int:
         help="part 1's configurations to run (default: all)",
     )
     ap.add_argument("--json", action="store_true", help="print one JSON object instead")
-    ap.add_argument("--skip-kernel", action="store_true", help="part 1 only")
+    ap.add_argument("--skip-kernel", action="store_true", help="no part 2 (kernel intake)")
+    ap.add_argument("--skip-workers", action="store_true", help="no part 3 (workers)")
     args = ap.parse_args(argv)
 
     def _term(signum: int, frame: FrameType | None) -> None:
@@ -1045,6 +1053,11 @@ def main(argv: list[str] | None = None) -> int:
             report["part2"] = part2(args.seconds, log)
         report["part1"] = part1(args.seconds, args.profile_seconds, log, args.cases, args.configs)
         report.update(side_by_side(report["part1"]))
+        if not args.skip_workers:
+            from benchmarks.inspector_workers import workers_case
+
+            log("part 3: one inspection worker against two")
+            report["workers"] = workers_case(args.seconds, log)
     except BenchError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
@@ -1053,6 +1066,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(side_by_side_table(report))
         print()
+        if "workers" in report:
+            from benchmarks.inspector_workers import workers_table
+
+            print(workers_table(report["workers"]))
+            print()
         print(table(report))
         print(profile_text(report))
     return 0
