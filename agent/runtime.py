@@ -38,6 +38,7 @@ from infertap.agent.discovery.open_sockets import (
 )
 from infertap.agent.enforce.actions import FindingActions
 from infertap.agent.enforce.verdicts import AnnouncedVerdicts, VerdictStore
+from infertap.agent.errors import InfertapError
 from infertap.agent.export.event_hub import AgentEvent, EventHub, Subscription
 from infertap.agent.export.events import EventSink
 from infertap.agent.export.metrics import (
@@ -83,7 +84,11 @@ log = logging.getLogger(__name__)
 INSPECT_BATCH = 512
 READ_INTERVAL_S = 0.02  # samples reach the pipeline within this, unless the ring fills first
 WORKER_REPORT_S = 0.5  # inspection workers send their state (API views, drift) this often
-WORKER_START_S = 30.0  # workers that have not reported by then: logged, started anyway
+WORKER_START_S = 30.0  # workers that have not all reported by then: the start fails
+
+
+class WorkerError(InfertapError):
+    """The inspection workers cannot run; the message is one line for the user."""
 
 
 @dataclass
@@ -327,7 +332,10 @@ class Agent:
         self.state = MergedState(pool.snapshots)
         pool.start()
         if not pool.wait_ready(WORKER_START_S):
-            log.warning("not every inspection worker reported within %.0f s", WORKER_START_S)
+            raise WorkerError(
+                f"the inspection workers did not all start within {WORKER_START_S:.0f} s"
+                " (see the log above)"
+            )
 
     def _worker_setup(self, index: int) -> WorkerSetup:
         """Worker `index`'s first message, made when it (re)starts: the policy in force now."""

@@ -7,7 +7,9 @@ findings.py), events are the hub's redacted events, snapshots hold counts and dr
 
 from __future__ import annotations
 
+import copyreg
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from infertap.agent.export.event_hub import AgentEvent
 from infertap.agent.flows.records import Endpoint, FlowEnd
@@ -15,6 +17,19 @@ from infertap.agent.inspect.drift import FeatureBins
 from infertap.agent.inspect.findings import Finding
 from infertap.agent.pod_labels import PodLabels
 from infertap.agent.policy.schema import Policy
+
+
+def _read_only(mapping: dict[object, object]) -> MappingProxyType[object, object]:
+    return MappingProxyType(mapping)
+
+
+def _mapping_proxy(proxy: MappingProxyType[object, object]) -> tuple[object, tuple[object]]:
+    return _read_only, (dict(proxy),)
+
+
+# A Policy holds read-only mappings (the discovery selector's labels), which pickle cannot take
+# as they are: they cross as a dict and are made read-only again on the other side.
+copyreg.pickle(MappingProxyType, _mapping_proxy)  # type: ignore[arg-type]
 
 # ---- agent -> worker ------------------------------------------------------------------------
 
