@@ -405,21 +405,25 @@ def _grouped_sums(terms: npt.NDArray[np.float64], groups: _Groups, n: int) -> li
     and a sum with zeros padded in does not."""
     out = np.empty(n, dtype=np.float64)
     for rows, at in groups:
-        out[rows] = np.sum(terms[at], axis=1)
+        out[rows] = np.add.reduce(terms[at], axis=1)  # np.sum, without its wrapper
     sums: list[float] = out.tolist()
     return sums
 
 
-def _groups(starts: npt.NDArray[np.intp], lengths: npt.NDArray[np.intp]) -> _Groups:
+_Shapes = list[tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]]  # (rows, range of a length)
+
+
+def _shapes(lengths: tuple[int, ...]) -> _Shapes:
+    """Rows by length, each with the offsets 0..length - 1."""
+    by: dict[int, list[int]] = {}
+    for row, length in enumerate(lengths):
+        by.setdefault(length, []).append(row)
+    return [(np.array(rows, dtype=np.intp), np.arange(n)) for n, rows in by.items()]
+
+
+def _groups(starts: npt.NDArray[np.intp], shapes: _Shapes) -> _Groups:
     """Rows (cells starts[i]..starts[i] + lengths[i] - 1 of a flat array) by length."""
-    if (lengths == lengths[0]).all():
-        rows = np.arange(len(lengths))
-        return [(rows, starts[:, None] + np.arange(int(lengths[0])))]
-    out: _Groups = []
-    for length in np.unique(lengths).tolist():
-        rows = np.flatnonzero(lengths == length)
-        out.append((rows, starts[rows, None] + np.arange(length)))
-    return out
+    return [(rows, starts[rows, None] + offsets) for rows, offsets in shapes]
 
 
 @dataclass(slots=True)
@@ -431,7 +435,8 @@ class _Plan:
     hi: npt.NDArray[np.intp]  # per bin: its last cell in [0, *cumulative counts]
     lo: npt.NDArray[np.intp]  # ... the cell before its first (0: none)
     row: npt.NDArray[np.intp]  # per bin: its tracker's place among the judged
-    first: npt.NDArray[np.intp]  # per judged tracker: its first bin
+    bounds: npt.NDArray[np.intp]  # per judged tracker: its first bin; then all bins
+    shapes: dict[tuple[int, ...], _Shapes]  # kl(qq)'s row lengths seen, and their groups
     by_bins: _Groups  # psi's sums over each tracker's bins
     share: npt.NDArray[np.float64]  # the baseline's share of each bin (js_distance's pp)
     share_at: npt.NDArray[np.intp]  # its nonzero bins
@@ -472,12 +477,15 @@ class _NumericStats:
                 hi=hi,
                 lo=lo,
                 row=np.repeat(np.arange(len(group)), bins),
-                first=first,
-                by_bins=_groups(first, bins),
+                bounds=np.append(first, len(hi)),
+                shapes={},
+                by_bins=_groups(first, _shapes(tuple(bins.tolist()))),
                 share=share,
                 share_at=share_at,
                 share_kept=share[share_at],
-                share_sums=_groups(np.cumsum(kept_bins) - kept_bins, kept_bins),
+                share_sums=_groups(
+                    np.cumsum(kept_bins) - kept_bins, _shapes(tuple(kept_bins.tolist()))
+                ),
                 floors=None,
             )
             self._plans[which] = plan
@@ -511,11 +519,15 @@ class _NumericStats:
         kl_p = _grouped_sums(kept * np.log2(kept / m[plan.share_at]), plan.share_sums, len(which))
         live_at = np.flatnonzero(live > 0)
         kept = live[live_at]
-        starts = np.searchsorted(live_at, plan.first)  # each tracker's first nonzero bin
-        lengths = np.diff(starts, append=len(live_at))
-        kl_q = _grouped_sums(
-            kept * np.log2(kept / m[live_at]), _groups(starts, lengths), len(which)
-        )
+        bounds = np.searchsorted(live_at, plan.bounds)  # each tracker's first nonzero bin
+        starts = bounds[:-1]
+        lengths = tuple((bounds[1:] - starts).tolist())
+        shapes = plan.shapes.get(lengths)
+        if shapes is None:
+            if len(plan.shapes) >= 256:  # the patterns of empty bins a window shows: few
+                plan.shapes.clear()
+            shapes = plan.shapes[lengths] = _shapes(lengths)
+        kl_q = _grouped_sums(kept * np.log2(kept / m[live_at]), _groups(starts, shapes), len(which))
         return [
             (
                 psis[i],
