@@ -436,7 +436,7 @@ class _Plan:
     lo: npt.NDArray[np.intp]  # ... the cell before its first (0: none)
     row: npt.NDArray[np.intp]  # per bin: its tracker's place among the judged
     bounds: npt.NDArray[np.intp]  # per judged tracker: its first bin; then all bins
-    shapes: dict[tuple[int, ...], _Shapes]  # kl(qq)'s row lengths seen, and their groups
+    shapes: dict[tuple[int, ...], _Groups]  # kl(qq)'s row lengths seen, and their groups
     by_bins: _Groups  # psi's sums over each tracker's bins
     share: npt.NDArray[np.float64]  # the baseline's share of each bin (js_distance's pp)
     share_at: npt.NDArray[np.intp]  # its nonzero bins
@@ -521,13 +521,13 @@ class _NumericStats:
         kept = live[live_at]
         bounds = np.searchsorted(live_at, plan.bounds)  # each tracker's first nonzero bin
         starts = bounds[:-1]
-        lengths = tuple((bounds[1:] - starts).tolist())
-        shapes = plan.shapes.get(lengths)
-        if shapes is None:
+        lengths = tuple((bounds[1:] - starts).tolist())  # the starts follow from these
+        groups = plan.shapes.get(lengths)
+        if groups is None:
             if len(plan.shapes) >= 256:  # the patterns of empty bins a window shows: few
                 plan.shapes.clear()
-            shapes = plan.shapes[lengths] = _shapes(lengths)
-        kl_q = _grouped_sums(kept * np.log2(kept / m[live_at]), _groups(starts, shapes), len(which))
+            groups = plan.shapes[lengths] = _groups(starts, _shapes(lengths))
+        kl_q = _grouped_sums(kept * np.log2(kept / m[live_at]), groups, len(which))
         return [
             (
                 psis[i],

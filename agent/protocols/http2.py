@@ -111,6 +111,29 @@ def _plain_block_sid(raw: memoryview) -> int:
     return _frame_header(raw)[3]
 
 
+# A header list as text: (headers, method, path, status, content length).
+_HeaderText = tuple[list[tuple[str, str]], str, str, int, int]
+
+
+def _header_text(headers: list[tuple[bytes, bytes]]) -> _HeaderText:
+    fields = [
+        (k.decode("utf-8", "replace").lower(), v.decode("utf-8", "replace")) for k, v in headers
+    ]
+    method = path = ""
+    status = 0
+    length = -1
+    for name, value in fields:  # the last of each wins, as it always did
+        if name == ":method":
+            method = value
+        elif name == ":path":
+            path = value
+        elif name == ":status":
+            status = int(value) if value.isdigit() else 0
+        elif name == "content-length" and value.isdigit():
+            length = int(value)
+    return fields, method, path, status, length
+
+
 @dataclass(slots=True)
 class _Body:
     parts: list[bytes] = field(default_factory=list)
@@ -530,6 +553,8 @@ class Http2Connection(ConnectionDecoder):
         self._decoders: dict[Direction, Http2StreamDecoder] = {}
         self._streams: dict[int, _Stream] = {}
         self._highest_request_sid = 0  # the highest stream id the client side opened
+        # Decoded header lists as text, by their bytes: steady traffic repeats them.
+        self._header_text: dict[tuple[tuple[bytes, bytes], ...], _HeaderText] = {}
 
     def consumer(self, direction: Direction, *, resync: bool = False) -> Http2StreamDecoder:
         """`resync` is never asked for: wire.py ignores a mid-stream HTTP/2 flow (HPACK)."""
@@ -787,18 +812,16 @@ class Http2Connection(ConnectionDecoder):
         if headers is None:
             msg.headers_unknown = True
             return msg
-        msg.headers = [
-            (k.decode("utf-8", "replace").lower(), v.decode("utf-8", "replace")) for k, v in headers
-        ]
-        for name, value in msg.headers:
-            if name == ":method":
-                msg.method = value
-            elif name == ":path":
-                msg.path = value
-            elif name == ":status":
-                msg.status = int(value) if value.isdigit() else 0
-            elif name == "content-length" and value.isdigit():
-                msg.content_length = int(value)
+        key = tuple(headers)
+        text = self._header_text.get(key)
+        if text is None:
+            text = _header_text(headers)
+            if sum(len(k) + len(v) for k, v in headers) <= MAX_REMEMBERED_BYTES:
+                if len(self._header_text) >= MAX_REMEMBERED_BLOCKS:
+                    self._header_text.clear()
+                self._header_text[key] = text
+        fields, msg.method, msg.path, msg.status, msg.content_length = text
+        msg.headers = list(fields)  # a copy: callers keep and extend header lists
         return msg
 
     def _add_trailers(
