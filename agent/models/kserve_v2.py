@@ -20,6 +20,7 @@ values: tensors may hold PII.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -118,6 +119,17 @@ class V2Payload:
 
 def parse_infer_path(path: str) -> tuple[str, str] | None:
     """(model, version) of a REST infer path, or None. The query string is ignored."""
+    # Asked twice per call (which adapter, then the call's model); only short paths are
+    # remembered, so the cache stays small whatever the traffic sends.
+    return _parse_short_path(path) if len(path) <= 256 else _parse_infer_path(path)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_short_path(path: str) -> tuple[str, str] | None:
+    return _parse_infer_path(path)
+
+
+def _parse_infer_path(path: str) -> tuple[str, str] | None:
     m = _REST_INFER.match(path.split("?", 1)[0])
     if m is None:
         return None
