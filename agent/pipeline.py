@@ -1,6 +1,6 @@
 """What happens to each record the kernel sends up, on the ring-buffer reader's thread.
 
-    ring record -> decode -> Sample / FlowStart / FlowCgroup / FlowEnd
+    ring record -> decode -> Sample / FlowStart / FlowCgroup / FlowEnd / Shed
     Sample (TLS plaintext: routed to a virtual flow first, agent/flows/tls_streams.py)
         -> WireDecoder (reassembly, HTTP/1, HTTP/2) -> HttpExchange
     HttpExchange -> model adapters -> InferenceEvent -> inspectors (in batches) -> Findings
@@ -23,10 +23,22 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from infertap.agent.flows.records import FlowCgroup, FlowEnd, FlowInfo, FlowStart, Sample
+from infertap.agent.flows.records import (
+    ConnectionId,
+    Endpoint,
+    FlowCgroup,
+    FlowEnd,
+    FlowInfo,
+    FlowStart,
+    Role,
+    Sample,
+    Shed,
+)
 from infertap.agent.flows.tls_streams import TlsStreams
 from infertap.agent.inspect.engine import InspectionEngine
 from infertap.agent.inspect.findings import Finding
@@ -38,6 +50,14 @@ from infertap.agent.protocols.messages import HttpExchange
 from infertap.agent.protocols.wire import WireDecoder
 
 log = logging.getLogger(__name__)
+
+# Reasons of infertap_inspection_skipped_total: a fixed set.
+SKIP_OVERLOAD = "overload"  # one HTTP/1 request (with its response) not sampled
+SKIP_OVERLOAD_CONNECTION = "overload_connection"  # a whole connection not sampled
+SKIP_REASONS = (SKIP_OVERLOAD, SKIP_OVERLOAD_CONNECTION)
+# Connections and services whose model is remembered for skipped-call labels (LRU bound).
+MAX_MODEL_MEMORY = 65536
+_K = TypeVar("_K")
 
 
 @dataclass(slots=True)
@@ -74,8 +94,20 @@ class PipelineSink:
         (gRPC ModelStreamInfer) gives one per message, all with the same exchange; the first
         has `event.stream_index` 0."""
 
+    def on_skipped(self, model: str, reason: str) -> None:
+        """A call (or, reason overload_connection, a connection) not inspected on purpose:
+        the kernel shed it under overload. `model`: the connection's last decoded model, else
+        its service's, else "" (unknown)."""
 
-_METHODS = ("on_sample", "on_flow_start", "on_flow_end", "on_exchange", "on_inference")
+
+_METHODS = (
+    "on_sample",
+    "on_flow_start",
+    "on_flow_end",
+    "on_exchange",
+    "on_inference",
+    "on_skipped",
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +120,17 @@ class PipelineSnapshot:
     records: int
     unknown_records: int
     exchanges: int
+    skipped: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, reason) -> n
+
+
+def _remember(memory: OrderedDict[_K, str], key: _K, model: str) -> None:
+    """Note a key's model in a bounded LRU memory."""
+    if memory.get(key) == model:
+        return
+    memory[key] = model
+    memory.move_to_end(key)
+    if len(memory) > MAX_MODEL_MEMORY:
+        memory.popitem(last=False)
 
 
 class Pipeline:
@@ -118,6 +161,11 @@ class Pipeline:
         self.records = 0
         self.unknown_records = 0
         self.exchanges = 0
+        # Calls skipped under overload by (model, reason); the model each connection and each
+        # service last decoded, to name the model of what is skipped.
+        self.skipped: Counter[tuple[str, str]] = Counter()
+        self._conn_model: OrderedDict[ConnectionId, str] = OrderedDict()
+        self._service_model: OrderedDict[Endpoint, str] = OrderedDict()
 
     def add_sink(self, sink: PipelineSink) -> None:
         """Register a sink (safe while the reader runs: the lists are replaced, not changed)."""
@@ -132,6 +180,7 @@ class Pipeline:
         self._on_flow_end = by_method["on_flow_end"]
         self._on_exchange = by_method["on_exchange"]
         self._on_inference = by_method["on_inference"]
+        self._on_skipped = by_method["on_skipped"]
 
     @property
     def sinks(self) -> list[PipelineSink]:
@@ -159,6 +208,8 @@ class Pipeline:
                         sink.on_flow_start(rec.flow, rec.ts_ns)
                 elif isinstance(rec, FlowCgroup):
                     self.decoder.flows.set_cgroup(rec.flow.cookie, rec.flow.cgroup_id)
+                elif isinstance(rec, Shed):
+                    self._shed(rec)
                 elif isinstance(rec, FlowEnd):
                     self._flow_end(rec)
             except Exception:  # a bug, not bad input: log it with its traceback, keep reading
@@ -172,6 +223,28 @@ class Pipeline:
         if new_flow is not None:
             self.decoder.on_flow_start(new_flow, virtual=True)
         self._exchanges(self.decoder.on_sample(routed))
+
+    def _shed(self, rec: Shed) -> None:
+        """A request (or connection) the kernel shed: counted once per call, on the client's
+        record (on the server's only when the client end is not intercepted)."""
+        flow = self.decoder.flows.get(rec.cookie)
+        count = True
+        model = ""
+        if flow is not None:
+            conn = flow.connection
+            if rec.role is Role.SERVER and self.decoder.flows.ends(conn)[0] is not None:
+                count = False
+            model = self._conn_model.get(conn) or self._service_model.get(flow.service, "")
+        if count:
+            reason = SKIP_OVERLOAD_CONNECTION if rec.connection else SKIP_OVERLOAD
+            self.skipped[(model, reason)] += 1
+            for sink in self._on_skipped:
+                sink.on_skipped(model, reason)
+        self._exchanges(self.decoder.on_shed(rec))
+
+    def _remember_model(self, conn: ConnectionId, model: str) -> None:
+        _remember(self._conn_model, conn, model)
+        _remember(self._service_model, conn.server, model)
 
     def _flow_end(self, rec: FlowEnd) -> None:
         # The socket's plaintext flows end first, while the connection still knows its pods.
@@ -199,6 +272,7 @@ class Pipeline:
                 records=self.records,
                 unknown_records=self.unknown_records,
                 exchanges=self.exchanges,
+                skipped=dict(self.skipped),
             )
 
     def _exchanges(self, exchanges: list[HttpExchange]) -> None:
@@ -223,6 +297,8 @@ class Pipeline:
             server_cgroup=server.cgroup_id if server else 0,
         )
         client_cookie = client.cookie if client is not None else None
+        if events and events[0].model:
+            self._remember_model(ex.request.connection, events[0].model)
         for event in events:  # several for a stream: each message is its own call
             if event.unpaired:
                 self.decoder.losses.lost("http2", "stream_unpaired", ex.request.connection)

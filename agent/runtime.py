@@ -58,6 +58,7 @@ from infertap.agent.flows.records import Endpoint, FlowInfo
 from infertap.agent.inspect.engine import InspectionEngine
 from infertap.agent.kernel.ringbuf import RingReader
 from infertap.agent.kernel.sensor import Sensor, SensorOptions
+from infertap.agent.kernel.shedding import ShedController
 from infertap.agent.kernel.steering import Steering
 from infertap.agent.kernel.tls import TlsUnit
 from infertap.agent.mirror.mirror import Mirror
@@ -231,6 +232,8 @@ class Agent:
         self._stopped = False
         self._reader_thread: threading.Thread | None = None
         self._reader: RingReader | None = None
+        # Overload shedding of the ring's flows, fed the ring's fill after each drain.
+        self.shedding = ShedController(lambda level: self.sensor.set_shed_level(0, level))
         self.metrics: MetricsServer | None = None
         self.api: object | None = None
         self.reader_error: str = ""
@@ -478,7 +481,9 @@ class Agent:
                 # The kernel never wakes us (bpf/intercept.c ITAP_SUBMIT_FLAGS): this timeout
                 # is how often samples are read.
                 if reader.wait(READ_INTERVAL_S):
+                    fill = reader.pending_bytes / reader.size  # the backlog this drain found
                     reader.drain(self.pipeline.handle)
+                    self.shedding.observe(fill)
                 now = time.monotonic()
                 if now - last_tick >= 1.0:
                     self.pipeline.tick(time.monotonic_ns())
@@ -569,6 +574,11 @@ class Agent:
             connections_uninspected=self.uninspected_counts(),
             workers=self.options.workers,
             worker_restarts=self.worker_restarts(),
+            inspection_skipped={
+                f"{model or 'unknown'}/{reason}": n
+                for (model, reason), n in sorted(self.pipeline.snapshot().skipped.items())
+            },
+            shed_levels=self.sensor.shed_levels() if self.sensor.headers else [],
         )
 
     def flow_rows(self) -> list[FlowRow]:

@@ -57,6 +57,28 @@
 #define ITAP_REC_FLOW_START 2
 #define ITAP_REC_FLOW_END 3
 #define ITAP_REC_FLOW_CGROUP 4 /* the flow's first send: now its cgroup id is known */
+#define ITAP_REC_SHED 5        /* overload: the flow's bytes from `offset` on are not sampled until
+                                * its next sample (or its end); flags: ITAP_SHED_CONNECTION */
+
+/* Overload shedding. Userspace sets a level per ring (itap_shed_level[ring], 0 to
+ * ITAP_SHED_FULL) when that ring fills; the kernel then leaves that share of NEW requests
+ * unsampled, decided at message boundaries, and keeps sampling what it started, so every decoded
+ * call is whole and no sampled HTTP/2 connection loses HPACK state:
+ * - HTTP/1 (a client flow's first bytes are a method token, a server's "HTTP"): decided at each
+ *   message start, an skb (or sendmsg) whose first bytes are a method token (client) or "HTTP"
+ *   (server). A server flow follows its peer client flow's decision for the request being
+ *   answered, so request/response pairs never slip (peer not intercepted: by the level).
+ * - Anything else (HTTP/2, gRPC, ...): decided once for the connection at its first payload;
+ *   the end that sends first decides, the other follows it through the peer flow.
+ * Each shed request (or connection) writes one ITAP_REC_SHED record at the offset where shedding
+ * starts, so userspace treats the gap up to the next sample as intentional. */
+#define ITAP_SHED_FULL 100     /* level: percent of new requests (or connections) shed */
+#define ITAP_SHED_UNDECIDED 0  /* itap_flow.shed: the first payload not seen yet */
+#define ITAP_SHED_H1_SAMPLED 1 /* HTTP/1: the message in progress is sampled */
+#define ITAP_SHED_H1_SHED 2    /* HTTP/1: the message in progress is shed */
+#define ITAP_SHED_KEEP 3       /* decided for the connection: sampled for its life */
+#define ITAP_SHED_DROP 4       /* decided for the connection: shed for its life */
+#define ITAP_SHED_CONNECTION 1 /* ITAP_REC_SHED flag: the whole connection is shed */
 
 /* Sample flags. */
 #define ITAP_SAMPLE_TRUNCATED 1   /* the message is longer than the bytes captured */
@@ -88,7 +110,9 @@
 #define ITAP_STAT_H2_FRAMES 17       /* HTTP/2 frame headers walked by the skb program */
 #define ITAP_STAT_H2_PIECES 18       /* extra sample records for HTTP/2 header blocks */
 #define ITAP_STAT_H2_WALK_LOST 19    /* HTTP/2 walks given up (too many frames, unseen bytes) */
-#define ITAP_STAT_COUNT 20
+#define ITAP_STAT_REQUESTS_SHED 20   /* HTTP/1 requests and responses not sampled (overload) */
+#define ITAP_STAT_CONNECTIONS_SHED 21 /* connection ends not sampled at all (overload) */
+#define ITAP_STAT_COUNT 22
 
 /* Indexes into the TLS per-CPU stats array (bpf/tls.c). */
 #define ITAP_TLS_STAT_CALLS 0        /* SSL read/write calls that moved bytes */

@@ -52,6 +52,9 @@ BPF_HASH(itap_flow_verdicts, u64, u32, ITAP_MAX_VERDICTS);
 BPF_HASH(itap_svc_verdicts, struct itap_service_key, u32, ITAP_MAX_VERDICTS);
 BPF_ARRAY(itap_config, struct itap_config, 1);
 BPF_PERCPU_ARRAY(itap_stats, u64, ITAP_STAT_COUNT);
+/* Overload shedding level per ring (0..ITAP_SHED_FULL), set by userspace (agent/kernel/
+ * shedding.py) from that ring's fill. */
+BPF_ARRAY(itap_shed_level, u32, ITAP_MAX_RINGS);
 /* Ring 0, and the template of every inspection worker's ring: the sensor creates rings
  * 1..n_rings-1 of the same size and puts all of them, this one at index 0, in itap_rings. A flow's
  * records all go to the ring its `ring` field names (one flow, one ring, one worker: per-flow
@@ -416,6 +419,114 @@ static __always_inline void fill_sample(struct itap_record *rec, struct itap_flo
     rec->pad = 0;
 }
 
+/* ---- Overload shedding (ITAP_SHED_* in infertap.h) -------------------------------------------
+ *
+ * Decided before a sample is taken, at message boundaries only: a message (or connection) that
+ * started sampled stays sampled, one that started shed stays shed. Never waits on userspace: the
+ * level is a map value; a lost ITAP_REC_SHED record is counted (events_lost) and userspace then
+ * sees a plain gap. */
+
+#define ITAP_TOKEN(a, b, c, d) ((u32)(a) | ((u32)(b) << 8) | ((u32)(c) << 16) | ((u32)(d) << 24))
+
+static __always_inline u32 shed_level(struct itap_flow *flow)
+{
+    u32 idx = flow->ring;
+    if (idx >= ITAP_MAX_RINGS)
+        idx = 0;
+    u32 *v = itap_shed_level.lookup(&idx);
+    return v ? *v : 0;
+}
+
+/* Whether the first 4 bytes of a send can start an HTTP/1 message for this end. */
+static __always_inline int http1_start(u8 role, u32 head)
+{
+    if (role == ITAP_ROLE_SERVER)
+        return head == ITAP_TOKEN('H', 'T', 'T', 'P');
+    switch (head) {
+    case ITAP_TOKEN('G', 'E', 'T', ' '):
+    case ITAP_TOKEN('P', 'O', 'S', 'T'):
+    case ITAP_TOKEN('P', 'U', 'T', ' '):
+    case ITAP_TOKEN('H', 'E', 'A', 'D'):
+    case ITAP_TOKEN('D', 'E', 'L', 'E'):
+    case ITAP_TOKEN('P', 'A', 'T', 'C'):
+    case ITAP_TOKEN('O', 'P', 'T', 'I'):
+    case ITAP_TOKEN('C', 'O', 'N', 'N'):
+    case ITAP_TOKEN('T', 'R', 'A', 'C'):
+        return 1;
+    }
+    return 0;
+}
+
+/* A draw at the level: 1 = shed. Random per decision, so a few busy connections shed the
+ * level's share of their requests (a flow hash would shed all or none of one connection's). */
+static __always_inline int shed_draw(u32 level)
+{
+    if (level == 0)
+        return 0;
+    return level >= ITAP_SHED_FULL || bpf_get_prandom_u32() % ITAP_SHED_FULL < level;
+}
+
+static __always_inline void emit_shed(struct itap_flow *flow, u64 offset, u8 flags)
+{
+    flow->requests_shed++;
+    stat_add(flags & ITAP_SHED_CONNECTION ? ITAP_STAT_CONNECTIONS_SHED : ITAP_STAT_REQUESTS_SHED, 1);
+    struct itap_record *r = ring_reserve(flow, sizeof(struct itap_record));
+    if (!r) {
+        stat_add(ITAP_STAT_EVENTS_LOST, 1);
+        return;
+    }
+    fill_sample(r, flow, flow->role, offset, 0, 0, flags);
+    r->kind = ITAP_REC_SHED;
+    bpf_ringbuf_submit(r, ITAP_SUBMIT_FLAGS);
+}
+
+/* Whether a send (or skb) of the flow is sampled. `head`: its first 4 bytes, valid when
+ * `at_start` (it starts with bytes not seen before and has at least 4). */
+static __always_inline int shed_admit(struct itap_flow *flow, u64 offset, u32 head, int at_start)
+{
+    u8 st = flow->shed;
+    if (st == ITAP_SHED_KEEP)
+        return 1;
+    if (st == ITAP_SHED_DROP)
+        return 0;
+    int boundary = at_start && http1_start(flow->role, head);
+    if (!boundary && st != ITAP_SHED_UNDECIDED)
+        return st == ITAP_SHED_H1_SAMPLED; /* inside a message: as it started */
+    struct itap_flow_key pk = {};
+    peer_key(&flow->key, &pk);
+    if (!boundary) {
+        /* Not HTTP/1: one decision for the whole connection, the same at both ends. */
+        struct itap_flow *peer = itap_flows.lookup(&pk);
+        int drop;
+        if (peer && peer->shed == ITAP_SHED_DROP)
+            drop = 1;
+        else if (peer && peer->shed == ITAP_SHED_KEEP)
+            drop = 0;
+        else
+            drop = shed_draw(shed_level(flow));
+        flow->shed = drop ? ITAP_SHED_DROP : ITAP_SHED_KEEP;
+        if (drop)
+            emit_shed(flow, offset, ITAP_SHED_CONNECTION);
+        return !drop;
+    }
+    int shed;
+    if (flow->role == ITAP_ROLE_SERVER) {
+        /* A response: shed exactly when the request it answers was (the client's state is its
+         * latest request's, and a keep-alive client waits for the answer before the next). */
+        struct itap_flow *peer = itap_flows.lookup(&pk);
+        if (peer && (peer->shed == ITAP_SHED_H1_SAMPLED || peer->shed == ITAP_SHED_H1_SHED))
+            shed = peer->shed == ITAP_SHED_H1_SHED;
+        else
+            shed = shed_draw(shed_level(flow));
+    } else {
+        shed = shed_draw(shed_level(flow));
+    }
+    flow->shed = shed ? ITAP_SHED_H1_SHED : ITAP_SHED_H1_SAMPLED;
+    if (shed)
+        emit_shed(flow, offset, 0);
+    return !shed;
+}
+
 /* Clamp `n` to `max` in a way clang cannot optimise out: without the empty asm it proves the
  * clamp redundant and drops it, and the verifier then rejects the variable-size copy. */
 #define itap_bound(n, max)                  \
@@ -499,6 +610,29 @@ static __always_inline void take_sample(struct sk_msg_md *msg, struct itap_flow 
     }
 }
 
+/* shed_admit for a sendmsg: every message starts at bytes not seen before. */
+static __always_inline int shed_admit_msg(struct sk_msg_md *msg, struct itap_flow *flow, u64 offset)
+{
+    if (flow->shed == ITAP_SHED_KEEP)
+        return 1;
+    u32 head = 0;
+    int have = 0;
+    void *data = msg->data;
+    void *data_end = msg->data_end;
+    if (data + 4 <= data_end) {
+        head = *(u32 *)data;
+        have = 1;
+    } else if (msg->size >= 4 && bpf_msg_pull_data(msg, 0, 4, 0) == 0) {
+        data = msg->data;
+        data_end = msg->data_end;
+        if (data + 4 <= data_end) {
+            head = *(u32 *)data;
+            have = 1;
+        }
+    }
+    return shed_admit(flow, offset, head, have);
+}
+
 int itap_msg(struct sk_msg_md *msg)
 {
     struct itap_flow_key key = {};
@@ -580,7 +714,7 @@ int itap_msg(struct sk_msg_md *msg)
     stat_add(ITAP_STAT_MSGS, 1);
     stat_add(ITAP_STAT_BYTES, size);
 
-    if (flow->sampled && cfg->sample_bytes)
+    if (flow->sampled && cfg->sample_bytes && shed_admit_msg(msg, flow, offset))
         take_sample(msg, flow, cfg, offset, size);
 
     if (flow->accel == ITAP_ACCEL_YES) {
@@ -972,6 +1106,18 @@ static __always_inline int parse_skb(struct __sk_buff *skb, struct itap_flow_key
     return 0;
 }
 
+/* shed_admit for an skb: a message boundary needs the skb to start at new bytes. */
+static __always_inline int shed_admit_skb(struct __sk_buff *skb, struct itap_flow *flow,
+                                          struct itap_skb_pos *p, int at_start)
+{
+    if (flow->shed == ITAP_SHED_KEEP)
+        return 1;
+    u32 head = 0;
+    if (at_start && (p->len < 4 || bpf_skb_load_bytes(skb, p->payload_off, &head, 4) != 0))
+        at_start = 0;
+    return shed_admit(flow, p->offset, head, at_start);
+}
+
 int itap_skb_egress(struct __sk_buff *skb)
 {
     struct itap_flow_key key = {};
@@ -998,7 +1144,8 @@ int itap_skb_egress(struct __sk_buff *skb)
         stat_add(ITAP_STAT_RETRANSMITS, 1);
         return 1; /* every byte already seen: a retransmit */
     }
-    u64 fresh = pos.offset >= flow->next_offset ? pos.len : end - flow->next_offset;
+    int at_start = pos.offset >= flow->next_offset; /* its first byte is new */
+    u64 fresh = at_start ? pos.len : end - flow->next_offset;
     if (pos.offset > flow->next_offset) {
         /* Bytes this program never saw leave (dropped before the egress hook, e.g. by
          * netfilter, then retransmitted behind newer ones): an exact, counted gap. */
@@ -1020,7 +1167,7 @@ int itap_skb_egress(struct __sk_buff *skb)
         flow->cgroup_id = bpf_skb_cgroup_id(skb);
         emit_flow_record(ITAP_REC_FLOW_CGROUP, flow);
     }
-    if (flow->sampled && cfg->sample_bytes)
+    if (flow->sampled && cfg->sample_bytes && shed_admit_skb(skb, flow, &pos, at_start))
         sample_skb(skb, flow, cfg, &pos);
     return 1;
 }

@@ -424,6 +424,17 @@ def status(
     out.print(f"connections not inspected: {unseen}", highlight=False)
     for k, v in sorted(st.connections_uninspected.items()):
         out.print(f"  {k:28} {v}", highlight=False)
+    # Skipped on purpose under overload (whole requests or connections, never torn bytes).
+    skipped = sum(st.inspection_skipped.values())
+    levels = ", ".join(f"{n}%" for n in st.shed_levels) or "0%"
+    out.print(
+        f"inspection skipped: {skipped}"
+        + (" (model/reason)" if skipped else "")
+        + f", shedding now {levels}",
+        highlight=False,
+    )
+    for k, v in sorted(st.inspection_skipped.items()):
+        out.print(f"  {k:28} {v}", highlight=False)
 
 
 @app.command()

@@ -29,6 +29,8 @@ class AgentStatus:
     connections_uninspected: dict[str, int] = field(default_factory=dict)  # reason -> count
     workers: int = 1  # inspection processes (run --workers)
     worker_restarts: int = 0  # workers restarted after they died
+    inspection_skipped: dict[str, int] = field(default_factory=dict)  # "model/reason" -> count
+    shed_levels: list[int] = field(default_factory=list)  # per ring: percent of requests shed
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,8 @@ class ControlServicer(pb_grpc.ControlServicer):
             connections_uninspected=st.connections_uninspected,
             workers=st.workers,
             worker_restarts=st.worker_restarts,
+            inspection_skipped=st.inspection_skipped,
+            shed_levels=st.shed_levels,
         )
 
     def ListFlows(

@@ -61,6 +61,7 @@ METRICS: dict[str, MetricSpec] = {
     "infertap_feature_bin_total": MetricSpec("counter", ("model", "feature", "bin")),
     "infertap_feature_baseline_share": MetricSpec("gauge", ("model", "feature", "bin")),
     "infertap_pii_findings_total": MetricSpec("counter", (*POD_LABELS, "model", "type")),
+    "infertap_inspection_skipped_total": MetricSpec("counter", ("model", "reason")),
     # OpenAI-style calls' token usage as the server reported it; kind: prompt, completion, total.
     "infertap_tokens_total": MetricSpec("counter", ("model", "kind")),
     # 0 closed, 1 half-open, 2 open.

@@ -351,6 +351,13 @@ class InferenceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.skipped = Counter(
+            "infertap_inspection_skipped_total",
+            "Model calls not inspected on purpose, by model and reason (overload: one HTTP/1"
+            " request shed by the kernel; overload_connection: a whole connection shed).",
+            labelnames=("model", "reason"),
+            registry=registry,
+        )
         self.pii = Counter(
             "infertap_pii_findings_total",
             "PII found in model requests, by type (values are never exported).",
@@ -376,6 +383,11 @@ class InferenceMetrics:
         if latency_s is not None:
             lat = (*pod, m, v, protocol)
             self._series.child((m, v), self.latency, lat).observe(latency_s)
+
+    def count_skipped(self, model: str, reason: str) -> None:
+        m = self.model_label(model, self._clock())
+        self.skipped.labels(m, reason).inc()
+        self._series.add((m, _ANY_VERSION), self.skipped, (m, reason))
 
     def count_pii(self, pod: PodLabels, model: str, pii_type: str) -> None:
         labels = (*pod, self.model_label(model, self._clock()), pii_type[:40])

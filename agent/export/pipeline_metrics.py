@@ -32,6 +32,9 @@ class PipelineMetrics(PipelineSink):
         status = exchange.response.status if exchange.response is not None else None
         self._traffic.count_http(pod, str(req.connection.server), req.method, status)
 
+    def on_skipped(self, model: str, reason: str) -> None:
+        self._inference.count_skipped(model, reason)
+
     def on_inference(self, inspected: Inspected) -> None:
         e, pod = inspected.event, inspected.pod
         latency = e.latency_ns / 1e9 if e.latency_ns is not None else None

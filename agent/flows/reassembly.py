@@ -10,6 +10,10 @@ consumer declined (say, the first half of an HTTP/2 frame) until more comes. Tha
 the only memory it holds per flow, and both the per-flow and the total limit apply to it. When a
 gap comes, the consumer gets the retained bytes one last time ("stranded") together with the size
 of the hole after them, so it can skip exactly (e.g. the rest of a frame whose length it knows).
+
+Overload shedding (bpf/infertap.h ITAP_REC_SHED) makes a fourth kind on purpose: the kernel
+stopped sampling at a message boundary (`shed`), and the hole up to the next sample, which
+starts a message again, or to the flow's end, comes as one SHED gap: nothing decoded is lost.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class GapCause(enum.Enum):
     TRUNCATED = "truncated"  # the rest of a send was not captured
     LOST = "lost"  # whole samples were lost (ring buffer full, ...)
     OVER_LIMIT = "over_limit"  # retained bytes would have broken a memory bound
+    SHED = "shed"  # overload: whole messages not sampled on purpose, from a message boundary
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,16 +72,19 @@ class ReassemblyStats:
     overlap_bytes: int = 0
     evictions: int = 0
     flows_closed: int = 0
+    shed_gaps: int = 0  # SHED gaps (not in `gaps`: they lose nothing decoded)
+    shed_bytes: int = 0
 
 
 class _FlowStream:
-    __slots__ = ("last_ts_ns", "next_offset", "retained", "retained_ts_ns")
+    __slots__ = ("last_ts_ns", "next_offset", "retained", "retained_ts_ns", "shed_ts_ns")
 
     def __init__(self, now_ns: int) -> None:
         self.next_offset = 0
         self.retained = bytearray()
         self.retained_ts_ns = 0
         self.last_ts_ns = now_ns
+        self.shed_ts_ns = -1  # >= 0 while shed: the kernel time shedding began
 
 
 class FlowReassembler:
@@ -125,6 +133,12 @@ class FlowReassembler:
         # A send never covers fewer bytes than it carried; trust the data if they disagree.
         msg_end = max(sample.end, data_end)
 
+        if stream.shed_ts_ns >= 0:
+            # The first sample after shedding: the hole up to it was shed, not lost.
+            shed_ts, stream.shed_ts_ns = stream.shed_ts_ns, -1
+            if sample.offset > expected:
+                self._shed_gap(stream, consumer, sample.offset - expected, shed_ts)
+                expected = sample.offset
         if sample.offset > expected:
             self._gap(stream, consumer, sample.offset - expected, GapCause.LOST, ts)
             expected = sample.offset
@@ -141,6 +155,25 @@ class FlowReassembler:
             expected = msg_end
         stream.next_offset = max(stream.next_offset, expected)
 
+    def shed(self, cookie: int, offset: int, ts_ns: int, consumer: StreamConsumer) -> None:
+        """The kernel sheds the flow from stream offset `offset` (a message boundary) until its
+        next sample. Bytes missing before `offset` were lost as usual; a shed record while
+        already shedding (the next request shed too) changes nothing."""
+        stream = self._flows.get(cookie)
+        if stream is None:
+            stream = self._flows[cookie] = _FlowStream(ts_ns)
+        stream.last_ts_ns = max(stream.last_ts_ns, ts_ns)
+        if stream.shed_ts_ns >= 0:
+            return
+        if offset > stream.next_offset:
+            self._gap(stream, consumer, offset - stream.next_offset, GapCause.LOST, ts_ns)
+            stream.next_offset = offset
+        stream.shed_ts_ns = ts_ns
+
+    def shedding(self, cookie: int) -> bool:
+        stream = self._flows.get(cookie)
+        return stream is not None and stream.shed_ts_ns >= 0
+
     def finish(self, cookie: int, final_offset: int, consumer: StreamConsumer, ts_ns: int) -> bool:
         """The flow ended having sent `final_offset` bytes in all: bytes past the last sample
         were lost (no later sample can reveal that gap), so report them as one. Returns whether
@@ -149,8 +182,13 @@ class FlowReassembler:
         if stream is None:
             return False
         if final_offset > stream.next_offset:
-            self._gap(stream, consumer, final_offset - stream.next_offset, GapCause.LOST, ts_ns)
+            missing = final_offset - stream.next_offset
+            if stream.shed_ts_ns >= 0:
+                self._shed_gap(stream, consumer, missing, stream.shed_ts_ns)
+            else:
+                self._gap(stream, consumer, missing, GapCause.LOST, ts_ns)
             stream.next_offset = final_offset
+        stream.shed_ts_ns = -1
         return True
 
     def close(self, cookie: int) -> None:
@@ -237,6 +275,13 @@ class FlowReassembler:
         elif cause is GapCause.LOST:
             self.stats.lost_bytes += length
         self._strand(stream, consumer, length, cause, ts)
+
+    def _shed_gap(
+        self, stream: _FlowStream, consumer: StreamConsumer, length: int, ts: int
+    ) -> None:
+        self.stats.shed_gaps += 1
+        self.stats.shed_bytes += length
+        self._strand(stream, consumer, length, GapCause.SHED, ts)
 
     def _strand(
         self,

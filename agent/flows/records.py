@@ -76,6 +76,8 @@ class FlowInfo:
     sockhash_always: bool = True
     http2_frames: bool = False  # the kernel walks its HTTP/2 frames (header blocks kept whole)
     ring: int = 0  # the ring buffer (inspection worker) its records go to
+    shed: int = 0  # overload shedding state (ITAP_SHED_* in bpf/infertap.h)
+    requests_shed: int = 0  # requests (responses, or the connection) not sampled: overload
 
     @property
     def service(self) -> Endpoint:
@@ -125,6 +127,21 @@ class Sample:
     def end(self) -> int:
         """Stream offset just past this message."""
         return self.offset + self.msg_len
+
+
+@dataclass(frozen=True, slots=True)
+class Shed:
+    """Overload: the kernel stopped sampling the flow at a message boundary, at stream offset
+    `offset`, on purpose (bpf/infertap.h ITAP_REC_SHED). The bytes from there to the flow's next
+    sample (or its end) are a gap that loses nothing decoded: the next sample starts a message.
+    One record per request (or response) shed; `connection`: the whole connection is shed from
+    its first byte (HTTP/2 and other protocols are never cut inside a connection)."""
+
+    cookie: int
+    ts_ns: int
+    offset: int
+    role: Role
+    connection: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from infertap.agent.flows.records import (
     FlowStart,
     Role,
     Sample,
+    Shed,
 )
 from infertap.agent.kernel import structs
 
@@ -24,13 +25,13 @@ from infertap.agent.kernel import structs
 RECORD = struct.Struct("<IIQQQIBBH")
 # struct itap_flow: 11 u64s, the key (u16 family, pad, lport, rport, 2 x 16 address bytes),
 # u32 seq_last, then role, sampled, announced, seq_ok, accel, capture, sockhash, h2, h2_head_len,
-# ring, 2 bytes (shed, pad2), then h2_next, h2_keep, u32 h2_head and u32 requests_shed.
-FLOW = struct.Struct("<11Q4H16s16sIBBBBBBBBBB2xQQI4x")
+# ring, shed, a pad byte, then h2_next, h2_keep, u32 h2_head and u32 requests_shed.
+FLOW = struct.Struct("<11Q4H16s16sIBBBBBBBBBBBxQQII")
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
 
-Record = Sample | FlowStart | FlowCgroup | FlowEnd
+Record = Sample | FlowStart | FlowCgroup | FlowEnd | Shed
 
 
 def ip_text(family: int, raw: bytes) -> str:
@@ -80,9 +81,11 @@ def decode_flow(buf: bytes | memoryview, offset: int = 0) -> FlowInfo:
         h2,
         _h2_head_len,
         ring,
+        shed,
         _h2_next,
         _h2_keep,
         _h2_head,
+        requests_shed,
     ) = FLOW.unpack_from(buf, offset)
     return FlowInfo(
         cookie=cookie,
@@ -104,6 +107,8 @@ def decode_flow(buf: bytes | memoryview, offset: int = 0) -> FlowInfo:
         sockhash_always=sockhash == structs.SOCKHASH_ALWAYS,
         http2_frames=h2 == structs.H2_WALK,
         ring=ring,
+        shed=shed,
+        requests_shed=requests_shed,
     )
 
 
@@ -130,6 +135,14 @@ def decode_record(view: memoryview) -> Record | None:
         return FlowCgroup(flow=decode_flow(view, RECORD.size), ts_ns=ts_ns)
     if kind == structs.REC_FLOW_END:
         return FlowEnd(flow=decode_flow(view, RECORD.size), ts_ns=ts_ns)
+    if kind == structs.REC_SHED:
+        return Shed(
+            cookie=cookie,
+            ts_ns=ts_ns,
+            offset=offset,
+            role=Role(role) if role in (1, 2) else Role.CLIENT,
+            connection=bool(flags & structs.SHED_CONNECTION),
+        )
     return None
 
 

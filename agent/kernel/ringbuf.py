@@ -69,6 +69,11 @@ class RingReader:
         self._closed = False
 
     @property
+    def size(self) -> int:
+        """The data area's size in bytes: pending_bytes / size is the ring's fill."""
+        return self._size
+
+    @property
     def pending_bytes(self) -> int:
         return int(self._prod.value - self._cons.value)
 

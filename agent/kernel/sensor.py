@@ -312,6 +312,21 @@ class Sensor(KernelUnit):
         with self._lock:
             self._update_config(h2_walk=1 if on else 0)
 
+    def set_shed_level(self, ring: int, level: int) -> None:
+        """Overload shedding for a ring's flows: the percent of new requests (or connections)
+        the kernel leaves unsampled, at message boundaries (agent/kernel/shedding.py)."""
+        if not 0 <= ring < structs.MAX_RINGS or not 0 <= level <= structs.SHED_FULL:
+            raise ValueError(f"shed level {level} for ring {ring} is out of range")
+        with self._lock:
+            table = self.table("itap_shed_level", ct.c_uint32, ct.c_uint32)
+            table[ct.c_uint32(ring)] = ct.c_uint32(level)
+
+    def shed_levels(self, rings: int = 1) -> list[int]:
+        """The shed level of the first `rings` rings, as the kernel's map holds them now."""
+        with self._lock:
+            table = self.table("itap_shed_level", ct.c_uint32, ct.c_uint32)
+            return [int(table[ct.c_uint32(i)].value) for i in range(rings)]
+
     def set_verdicts_active(self, count: int) -> None:
         with self._lock:
             self._update_config(verdicts_active=count)

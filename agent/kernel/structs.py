@@ -43,6 +43,17 @@ REC_SAMPLE = 1
 REC_FLOW_START = 2
 REC_FLOW_END = 3
 REC_FLOW_CGROUP = 4
+REC_SHED = 5
+
+# Overload shedding (ITAP_SHED_* in the header).
+SHED_FULL = 100
+SHED_UNDECIDED = 0
+SHED_H1_SAMPLED = 1
+SHED_H1_SHED = 2
+SHED_KEEP = 3
+SHED_DROP = 4
+SHED_CONNECTION = 1
+MAX_RINGS = 8
 
 SAMPLE_TRUNCATED = 1
 SAMPLE_PULL_FAILED = 2
@@ -73,6 +84,8 @@ STAT_NAMES = (
     "h2_frames",
     "h2_pieces",
     "h2_walk_lost",
+    "requests_shed",
+    "connections_shed",
 )
 
 # Index -> name of the TLS per-CPU stats array (ITAP_TLS_STAT_* in the header, in order).

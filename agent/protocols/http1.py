@@ -8,6 +8,11 @@ bodies, trailers, upgrades. This module adds what sampling needs on top:
   chunked body, between messages) it drops what it cannot trust and resyncs on the next line that
   looks like a request line (or status line). Whole messages may be inside such a gap, which the
   pairing is told about.
+- Shed gaps (overload: the kernel stopped sampling at a message boundary, bpf/infertap.h
+  ITAP_SHED_*) lose nothing: between messages the decoder just starts afresh where sampling
+  resumes, a start line; no resync and no loss is counted. The kernel sheds a response exactly
+  when it shed its request, so pairing in order holds; a shed response whose request was decoded
+  anyway (a race the kernel cannot rule out) leaves that request unanswered, never mispaired.
 - Pairing. Responses answer requests in order. A response never answers a request sent after it
   began (kernel timestamps on one host), which keeps a lost request from shifting every later
   pair; after responses were lost, a response answers the latest request sent before it (the
@@ -93,6 +98,10 @@ class Http1Sink(Protocol):
 
     def http1_lost(self, reason: str) -> None:
         """Decoding lost something (agent/protocols/losses.py REASONS)."""
+        ...
+
+    def http1_shed(self, direction: Direction, ts_ns: int) -> None:
+        """Whole messages of `direction` from `ts_ns` on were shed on purpose (overload)."""
         ...
 
 
@@ -186,6 +195,8 @@ class Http1StreamDecoder:
         mode = self._mode
         if mode is _Mode.DEAD:
             return
+        if cause is GapCause.SHED and self._shed_gap(ts_ns):
+            return
         if mode is _Mode.RESYNC:
             self._line_start = True  # what follows a gap may well start a message
             return
@@ -210,6 +221,22 @@ class Http1StreamDecoder:
         self._skip = msg.content_length - self._body_seen
         self._mode = _Mode.SKIP
         self._skip_gap(length)
+
+    def _shed_gap(self, ts_ns: int) -> bool:
+        """A shed gap: True when it fell between messages, as the kernel makes it, and the
+        stream simply goes on at the next message (sampling resumes at a start line)."""
+        if self._mode is _Mode.PARSE and self._msg is not None:
+            return False  # inside a message: a real cut, handled as any gap
+        if self._mode is _Mode.SKIP:
+            return False
+        self._stats["http1_shed_gaps"] += 1
+        self._new_parser()
+        # RESYNC from a line start finds the start line at the gap's end at once, and skips to
+        # the next one if the kernel took body bytes for a message start.
+        self._mode = _Mode.RESYNC
+        self._line_start = True
+        self._sink.http1_shed(self.direction, ts_ns)
+        return True
 
     def finish(self, ts_ns: int) -> None:
         """The flow ended: a body that runs to the end of the connection is complete now."""
@@ -640,6 +667,18 @@ class Http1Connection(ConnectionDecoder):
 
     def http1_lost(self, reason: str) -> None:
         self.losses.lost(HTTP1, reason, self.connection)
+
+    def http1_shed(self, direction: Direction, ts_ns: int) -> None:
+        if direction is Direction.REQUEST:
+            return  # its response is shed too: nothing to pair
+        self._response_entry = None
+        awaiting = self._awaiting
+        if awaiting and awaiting[0].request.ts_ns <= ts_ns and not self._pipelined:
+            # The shed response answers the oldest request waiting, decoded though its response
+            # was shed: leave it unanswered rather than pair the next response with it.
+            self.stats["http1_shed_unanswered"] += 1
+            self._unanswered(awaiting.popleft())
+            self._collect()
 
     def http1_request_bytes(self) -> None:
         if self._tentatives:

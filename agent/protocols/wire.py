@@ -31,6 +31,7 @@ from infertap.agent.flows.records import (
     FlowInfo,
     Role,
     Sample,
+    Shed,
 )
 from infertap.agent.flows.table import FlowTable
 from infertap.agent.protocols.connection import ConnectionDecoder
@@ -136,6 +137,8 @@ class _Flow:
         consumer = self.consumer
         if consumer is not None:
             consumer.on_gap(stranded, length, cause, ts_ns)
+        elif cause is GapCause.SHED:
+            pass  # whole messages shed before detection: the next sample starts one
         elif not self.ignored:
             self.mid_stream = True  # detection restarts after the gap, looking for a start line
 
@@ -286,6 +289,22 @@ class WireDecoder:
         if not flow.active():
             # Free its bytes now (not from inside push, which still holds its stream state).
             self._reassembler.close(sample.cookie)
+        return self._stamped(self._take_ready(flow.conn))
+
+    def on_shed(self, shed: Shed) -> list[HttpExchange]:
+        """The kernel shed the flow from a message boundary on (overload): the gap up to its
+        next sample is intentional (agent/flows/reassembly.py GapCause.SHED)."""
+        flow = self._flows.get(shed.cookie)
+        if flow is None:
+            flow = self._start(shed.cookie, shed.role, None, shed.ts_ns)
+        self.stats_counter["shed_records"] += 1
+        if flow.ignored:
+            return []
+        flow.last_ts_ns = max(flow.last_ts_ns, shed.ts_ns)
+        try:
+            self._reassembler.shed(shed.cookie, shed.offset, shed.ts_ns, flow)
+        except Exception as err:
+            self._internal_error("shed", err)
         return self._stamped(self._take_ready(flow.conn))
 
     def on_flow_end(self, cookie: int, final_offset: int | None = None) -> list[HttpExchange]:

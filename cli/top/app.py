@@ -271,6 +271,10 @@ class TopApp(App[None]):
                 parts.append(f"decode lost {lost}")
             if unseen:
                 parts.append(f"{unseen} conns not inspected")
+            skipped = sum(st.inspection_skipped.values())
+            if skipped or any(st.shed_levels):
+                shed = max(st.shed_levels, default=0)
+                parts.append(f"skipped {skipped} (shedding {shed}%)")
         if not self.compact and self.state.policy_hash:
             parts.append(f"policy {self.state.policy_hash[:12]}")
         self.query_one("#header", Static).update(Text(" · ".join(parts), no_wrap=True))

@@ -1,0 +1,76 @@
+"""Overload shedding control: a ring's fill in, the kernel's shed level for that ring out.
+
+When the inspector falls behind, its ring buffer fills; past a point the kernel would lose
+samples in the middle of messages (torn calls, HTTP/2 connections gone dark). Before that, this
+controller raises the ring's level in `itap_shed_level` (bpf/intercept.c): the kernel then leaves
+that share of NEW requests (HTTP/1) or new connections (anything else) unsampled, at message
+boundaries, and keeps sampling what it started. The read loop calls `observe` once per drain
+with the fill it found (bytes waiting when the drain began, over the ring's size).
+
+Hysteresis: at or above `high` the level rises by `step_up` per drain (at once to `panic_level`
+when the fill reaches `panic`); at or below `low` it falls by `step_down`; in between it holds.
+The level only changes the kernel's map when it moves, so a quiet ring costs nothing. Plain
+arithmetic on one number per ring: the data path never waits on it, and a stopped controller
+leaves the last level in force until the sensor closes (which drops the map).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from infertap.agent.kernel.structs import SHED_FULL
+
+
+@dataclass(frozen=True, slots=True)
+class ShedThresholds:
+    """Ring fill shares (0..1) and level steps (percent of new requests shed)."""
+
+    high: float = 0.5  # raise the level at or above this fill
+    low: float = 0.2  # lower it at or below this fill
+    panic: float = 0.85  # jump to at least panic_level: the ring is about to overflow
+    step_up: int = 10
+    step_down: int = 5
+    panic_level: int = 50
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low < self.high <= self.panic <= 1:
+            raise ValueError("shedding thresholds need 0 <= low < high <= panic <= 1")
+        if not (0 < self.step_up <= SHED_FULL and 0 < self.step_down <= SHED_FULL):
+            raise ValueError(f"shedding steps must be between 1 and {SHED_FULL}")
+        if not 0 <= self.panic_level <= SHED_FULL:
+            raise ValueError(f"shedding panic_level must be between 0 and {SHED_FULL}")
+
+
+class ShedController:
+    """The shed level of one ring, set through `apply(level)` (the sensor's map write)."""
+
+    def __init__(
+        self, apply: Callable[[int], None], thresholds: ShedThresholds | None = None
+    ) -> None:
+        self._apply = apply
+        self.thresholds = thresholds or ShedThresholds()
+        self.level = 0
+        self.raised = 0  # times the level went up (a busy ring's history, for status and tests)
+
+    def observe(self, fill: float) -> int:
+        """The ring's fill (0..1) at the start of a drain; returns the level now in force."""
+        t = self.thresholds
+        level = self.level
+        if fill >= t.high:
+            level = min(SHED_FULL, level + t.step_up)
+            if fill >= t.panic:
+                level = max(level, t.panic_level)
+        elif fill <= t.low:
+            level = max(0, level - t.step_down)
+        self.set_level(level)
+        return self.level
+
+    def set_level(self, level: int) -> None:
+        level = max(0, min(SHED_FULL, level))
+        if level == self.level:
+            return
+        if level > self.level:
+            self.raised += 1
+        self._apply(level)
+        self.level = level
