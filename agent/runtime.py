@@ -483,7 +483,7 @@ class Agent:
                 if reader.wait(READ_INTERVAL_S):
                     fill = reader.pending_bytes / reader.size  # the backlog this drain found
                     reader.drain(self.pipeline.handle)
-                    self.shedding.observe(fill)
+                    self.shedding.feed(fill)
                 now = time.monotonic()
                 if now - last_tick >= 1.0:
                     self.pipeline.tick(time.monotonic_ns())

@@ -52,6 +52,14 @@ class ShedController:
         self.thresholds = thresholds or ShedThresholds()
         self.level = 0
         self.raised = 0  # times the level went up (a busy ring's history, for status and tests)
+        # While held, the read loop's fill readings (feed) change nothing: a level set by hand
+        # (tests, benchmarks' control rows) stays in force.
+        self.hold = False
+
+    def feed(self, fill: float) -> None:
+        """The read loop's call after each drain: observe, unless held."""
+        if not self.hold:
+            self.observe(fill)
 
     def observe(self, fill: float) -> int:
         """The ring's fill (0..1) at the start of a drain; returns the level now in force."""

@@ -673,9 +673,12 @@ class Http1Connection(ConnectionDecoder):
             return  # its response is shed too: nothing to pair
         self._response_entry = None
         awaiting = self._awaiting
-        if awaiting and awaiting[0].request.ts_ns <= ts_ns and not self._pipelined:
-            # The shed response answers the oldest request waiting, decoded though its response
-            # was shed: leave it unanswered rather than pair the next response with it.
+        before = [e for e in awaiting if e.request.ts_ns <= ts_ns][:2]
+        if len(before) == 1:
+            # One request was out when the shed response began: it is what that response
+            # answered, decoded though its response was shed (the kernel's request and response
+            # decisions raced). Leave it unanswered rather than pair the next response with it.
+            # With several out (pipelining) which one is not known: left to the timing rules.
             self.stats["http1_shed_unanswered"] += 1
             self._unanswered(awaiting.popleft())
             self._collect()
