@@ -275,6 +275,11 @@ class Pipeline:
                 skipped=dict(self.skipped),
             )
 
+    def skipped_counts(self) -> dict[tuple[str, str], int]:
+        """Calls skipped under overload by (model, reason) (any thread)."""
+        with self._lock:
+            return dict(self.skipped)
+
     def _exchanges(self, exchanges: list[HttpExchange]) -> None:
         for ex in exchanges:
             self.exchanges += 1

@@ -13,6 +13,7 @@ everything) even when a later step failed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import threading
@@ -58,7 +59,7 @@ from infertap.agent.flows.records import Endpoint, FlowInfo
 from infertap.agent.inspect.engine import InspectionEngine
 from infertap.agent.kernel.ringbuf import RingReader
 from infertap.agent.kernel.sensor import Sensor, SensorOptions
-from infertap.agent.kernel.shedding import ShedController
+from infertap.agent.kernel.shedding import ShedController, ShedWatch
 from infertap.agent.kernel.steering import Steering
 from infertap.agent.kernel.tls import TlsUnit
 from infertap.agent.mirror.mirror import Mirror
@@ -232,8 +233,14 @@ class Agent:
         self._stopped = False
         self._reader_thread: threading.Thread | None = None
         self._reader: RingReader | None = None
-        # Overload shedding of the ring's flows, fed the ring's fill after each drain.
-        self.shedding = ShedController(lambda level: self.sensor.set_shed_level(0, level))
+        # Overload shedding, one controller per ring: fed the ring's fill after each drain (one
+        # worker: the read loop) or by a watch thread over every ring (workers).
+        self.shed_controllers = [
+            ShedController(functools.partial(self.sensor.set_shed_level, ring))
+            for ring in range(options.workers)
+        ]
+        self.shedding = self.shed_controllers[0]  # ring 0's
+        self._shed_watch: ShedWatch | None = None
         self.metrics: MetricsServer | None = None
         self.api: object | None = None
         self.reader_error: str = ""
@@ -334,6 +341,10 @@ class Agent:
         self.pool = pool
         self.state = MergedState(pool.snapshots)
         pool.start()
+        self._shed_watch = ShedWatch(
+            self.shed_controllers, self.sensor.ring_fds, self.sensor.ring_size, READ_INTERVAL_S
+        )
+        self._shed_watch.start()
         if not pool.wait_ready(WORKER_START_S):
             raise WorkerError(
                 f"the inspection workers did not all start within {WORKER_START_S:.0f} s"
@@ -442,6 +453,9 @@ class Agent:
             self._watch_thread.join(timeout=5)  # it detaches every pod as it ends
             self._watch_thread = None
         self.events.close()
+        if self._shed_watch is not None:
+            self._shed_watch.stop()  # before the rings and the level map go
+            self._shed_watch = None
         if self.pool is not None:
             self.pool.stop()  # each drains its ring and sends its last report first
         if self._reader_thread is not None:
@@ -576,9 +590,11 @@ class Agent:
             worker_restarts=self.worker_restarts(),
             inspection_skipped={
                 f"{model or 'unknown'}/{reason}": n
-                for (model, reason), n in sorted(self.pipeline.snapshot().skipped.items())
+                for (model, reason), n in sorted(self.state.skipped().items())
             },
-            shed_levels=self.sensor.shed_levels() if self.sensor.headers else [],
+            shed_levels=self.sensor.shed_levels(self.options.workers)
+            if self.sensor.headers
+            else [],
         )
 
     def flow_rows(self) -> list[FlowRow]:

@@ -386,8 +386,7 @@ class InferenceMetrics:
 
     def count_skipped(self, model: str, reason: str) -> None:
         m = self.model_label(model, self._clock())
-        self.skipped.labels(m, reason).inc()
-        self._series.add((m, _ANY_VERSION), self.skipped, (m, reason))
+        self._series.child((m, _ANY_VERSION), self.skipped, (m, reason)).inc()
 
     def count_pii(self, pod: PodLabels, model: str, pii_type: str) -> None:
         labels = (*pod, self.model_label(model, self._clock()), pii_type[:40])

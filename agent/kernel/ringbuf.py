@@ -49,6 +49,31 @@ def _mmap(length: int, prot: int, fd: int, offset: int) -> int:
     return int(addr)
 
 
+class RingFill:
+    """How full a ring is, for a process that does not read it (the agent, whose inspection
+    workers drain their rings): only the two position pages are mapped, read-only."""
+
+    def __init__(self, map_fd: int, size: int) -> None:
+        self._page = PAGE_SIZE
+        self.size = size
+        self._cons_addr = _mmap(self._page, _PROT_READ, map_fd, 0)
+        self._prod_addr = _mmap(self._page, _PROT_READ, map_fd, self._page)
+        self._cons = ct.c_uint64.from_address(self._cons_addr)
+        self._prod = ct.c_uint64.from_address(self._prod_addr)
+        self._closed = False
+
+    @property
+    def fill(self) -> float:
+        """Bytes waiting for the reader, as a share of the ring."""
+        return int(self._prod.value - self._cons.value) / self.size
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _libc().munmap(self._prod_addr, self._page)
+            _libc().munmap(self._cons_addr, self._page)
+
+
 class RingReader:
     """Consume records from a BPF_MAP_TYPE_RINGBUF map fd of `size` bytes (a power of two)."""
 

@@ -4,8 +4,11 @@ When the inspector falls behind, its ring buffer fills; past a point the kernel 
 samples in the middle of messages (torn calls, HTTP/2 connections gone dark). Before that, this
 controller raises the ring's level in `itap_shed_level` (bpf/intercept.c): the kernel then leaves
 that share of NEW requests (HTTP/1) or new connections (anything else) unsampled, at message
-boundaries, and keeps sampling what it started. The read loop calls `observe` once per drain
-with the fill it found (bytes waiting when the drain began, over the ring's size).
+boundaries, and keeps sampling what it started. With one inspection worker the agent's read loop
+calls `feed` once per drain with the fill it found (bytes waiting when the drain began, over the
+ring's size); with several (`run --workers N`), whose processes drain their own rings,
+`ShedWatch` reads every ring's fill from the agent every `interval_s` and feeds each ring's
+controller.
 
 Hysteresis: at or above `high` the level rises by `step_up` per drain (at once to `panic_level`
 when the fill reaches `panic`); at or below `low` it falls by `step_down`; in between it holds.
@@ -16,10 +19,15 @@ leaves the last level in force until the sensor closes (which drops the map).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from infertap.agent.kernel.ringbuf import RingFill
 from infertap.agent.kernel.structs import SHED_FULL
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +90,41 @@ class ShedController:
             self.raised += 1
         self._apply(level)
         self.level = level
+
+
+class ShedWatch:
+    """The agent's thread that sheds for inspection workers: each ring's fill (RingFill, the
+    ring's position pages mapped read-only) to that ring's controller, every `interval_s`."""
+
+    def __init__(
+        self,
+        controllers: Sequence[ShedController],
+        ring_fds: Sequence[int],
+        ring_size: int,
+        interval_s: float,
+    ) -> None:
+        if len(controllers) != len(ring_fds):
+            raise ValueError("one controller per ring")
+        self.controllers = list(controllers)
+        self._fills = [RingFill(fd, ring_size) for fd in ring_fds]
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shed-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self._interval_s):
+                for ctl, fill in zip(self.controllers, self._fills, strict=True):
+                    ctl.feed(fill.fill)
+        except Exception:  # a failed map write: shedding stops, inspection goes on
+            log.exception("overload shedding stopped")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        for fill in self._fills:
+            fill.close()

@@ -107,6 +107,7 @@ class WorkerSnapshot:
     uninspected: dict[int, str] = field(default_factory=dict)  # flow cookie -> reason
     uninspected_counts: dict[str, int] = field(default_factory=dict)
     decode_lost: dict[tuple[str, str], int] = field(default_factory=dict)
+    skipped: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, reason): overload
     drift: dict[tuple[str, str, str], float] = field(default_factory=dict)
     bins: dict[tuple[str, str], FeatureBins] = field(default_factory=dict)
     policy_hash: str = ""

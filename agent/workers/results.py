@@ -26,6 +26,10 @@ from infertap.agent.workers.messages import Report, WorkerSnapshot
 class InspectionState(Protocol):
     def decode_lost(self) -> dict[tuple[str, str], int]: ...
 
+    def skipped(self) -> dict[tuple[str, str], int]:
+        """Calls skipped under overload, by (model, reason)."""
+        ...
+
     def uninspected_counts(self) -> dict[str, int]: ...
 
     def flow_states(self) -> tuple[dict[int, str], dict[int, str]]:
@@ -46,6 +50,9 @@ class LocalState:
 
     def decode_lost(self) -> dict[tuple[str, str], int]:
         return self._pipeline.decoder.losses.counts()
+
+    def skipped(self) -> dict[tuple[str, str], int]:
+        return self._pipeline.skipped_counts()
 
     def uninspected_counts(self) -> dict[str, int]:
         return self._pipeline.decoder.uninspected_counts()
@@ -71,6 +78,13 @@ class MergedState:
         out: dict[tuple[str, str], int] = {}
         for s in self._snapshots():
             for k, n in s.decode_lost.items():
+                out[k] = out.get(k, 0) + n
+        return out
+
+    def skipped(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for s in self._snapshots():
+            for k, n in s.skipped.items():
                 out[k] = out.get(k, 0) + n
         return out
 

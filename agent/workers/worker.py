@@ -215,6 +215,7 @@ class Worker:
             uninspected=snap.uninspected,
             uninspected_counts=decoder.uninspected_counts(),
             decode_lost=decoder.losses.counts(),
+            skipped=snap.skipped,
             drift=self.engine.drift_values(),
             bins=dict(self.engine.bin_values()),
             policy_hash=self.policy_hash,
