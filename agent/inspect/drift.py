@@ -241,6 +241,7 @@ class _CutIndex:
 
     MAX_SHARED = 3
     MAX_CELLS = 16384  # a few hundred KiB per feature at most
+    MIN_VALUES = 64  # fewer values: the binary search costs less than the grid's steps
 
     def __init__(self, cuts: npt.NDArray[np.float64]) -> None:
         self.cuts = cuts
@@ -270,16 +271,15 @@ class _CutIndex:
         rows = [shared[r] for r in range(int(per.max()))]
         self.grid = (lo, scale, below.astype(np.int64), rows)
 
-    @staticmethod
     def _cells(
-        v: npt.NDArray[np.float64], lo: float, scale: float, cells: int
+        self, v: npt.NDArray[np.float64], lo: float, scale: float, cells: int
     ) -> npt.NDArray[np.intp]:
-        with np.errstate(over="ignore"):  # far outside the cuts: inf, then the last cell
-            t = np.clip((v - lo) * scale, 0.0, cells - 1.0)
+        # Values outside the cuts are held to their ends first (the same cell, and no overflow).
+        t = np.clip((np.clip(v, lo, self.cuts[-1]) - lo) * scale, 0.0, cells - 1.0)
         return t.astype(np.intp)
 
     def codes(self, v: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
-        if self.grid is None:
+        if self.grid is None or len(v) < self.MIN_VALUES:
             left = np.searchsorted(self.cuts, v, side="left")
             code = 2 * left
             if len(self.cuts):
