@@ -43,6 +43,7 @@ bench:
 	$(PY) -m benchmarks.polyfill
 	$(PY) -m benchmarks.inspector
 	$(PY) -m benchmarks.tls
+	$(PY) -m benchmarks.overload --workers 1 2
 
 clean:
 	rm -rf .venv build *.egg-info agent/api/*_pb2*.py agent/api/*_pb2.pyi

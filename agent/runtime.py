@@ -84,6 +84,7 @@ log = logging.getLogger(__name__)
 
 # Model calls inspected as one batch at most; a drain's calls are flushed when it ends anyway.
 INSPECT_BATCH = 512
+DRAIN_LIMIT = 2048  # records per drain, then the shed controller sees the fill again
 READ_INTERVAL_S = 0.02  # samples reach the pipeline within this, unless the ring fills first
 WORKER_REPORT_S = 0.5  # inspection workers send their state (API views, drift) this often
 WORKER_START_S = 30.0  # workers that have not all reported by then: the start fails
@@ -496,7 +497,8 @@ class Agent:
                 # is how often samples are read.
                 if reader.wait(READ_INTERVAL_S):
                     fill = reader.pending_bytes / reader.size  # the backlog this drain found
-                    reader.drain(self.pipeline.handle)
+                    # Bounded drains: the shed controller hears of a filling ring in time.
+                    reader.drain(self.pipeline.handle, DRAIN_LIMIT)
                     self.shedding.feed(fill)
                 now = time.monotonic()
                 if now - last_tick >= 1.0:

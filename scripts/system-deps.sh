@@ -20,7 +20,7 @@ packages=(
   runc                   # podman's runtime here (crun refuses hybrid cgroup hierarchies)
 )
 if [ "${1:-}" = "bench" ]; then
-  packages+=(sockperf iperf3 haproxy)
+  packages+=(sockperf iperf3 haproxy nghttp2-client nginx-light)
 fi
 
 missing=()

@@ -33,13 +33,15 @@ from infertap.agent.protocols.wire import WireDecoder
 
 def test_controller_raises_on_a_filling_ring_holds_between_and_lowers_when_drained() -> None:
     applied: list[int] = []
-    ctl = ShedController(applied.append, ShedThresholds(high=0.5, low=0.2, step_up=10))
+    t = ShedThresholds(high=0.5, low=0.2, panic=0.85, step_up=10, step_down=5, panic_level=50)
+    ctl = ShedController(applied.append, t)
     assert ctl.observe(0.1) == 0 and applied == []  # quiet: the map is never written
     assert ctl.observe(0.6) == 10
-    assert ctl.observe(0.6) == 20
+    assert ctl.observe(0.7) == 20  # still filling: up again
+    assert ctl.observe(0.65) == 20  # high but draining: holds (no wind-up)
     assert ctl.observe(0.35) == 20  # between the thresholds: holds (hysteresis)
     assert ctl.observe(0.9) == 50  # about to overflow: at once to the panic level
-    assert ctl.observe(0.1) == 45  # drained: down by step_down per drain
+    assert ctl.observe(0.1) == 45  # drained: down by step_down per reading
     while ctl.observe(0.0):
         pass
     assert applied[:4] == [10, 20, 50, 45] and applied[-1] == 0
@@ -58,11 +60,11 @@ def test_controller_caps_at_full_and_hold_keeps_a_level_set_by_hand() -> None:
     assert ctl.level == 30 and applied[-1] == 30
     ctl.hold = False
     ctl.feed(0.0)
-    assert ctl.level == 25
+    assert ctl.level == 30 - ctl.thresholds.step_down
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"low": 0.6, "high": 0.5}, {"step_up": 0}, {"panic_level": 101}, {"panic": 0.4}]
+    "kwargs", [{"low": 0.6, "high": 0.5}, {"step_up": 0}, {"panic_level": 101}, {"panic": 0.3}]
 )
 def test_controller_refuses_thresholds_that_cannot_work(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):

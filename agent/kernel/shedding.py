@@ -10,8 +10,14 @@ ring's size); with several (`run --workers N`), whose processes drain their own 
 `ShedWatch` reads every ring's fill from the agent every `interval_s` and feeds each ring's
 controller.
 
-Hysteresis: at or above `high` the level rises by `step_up` per drain (at once to `panic_level`
-when the fill reaches `panic`); at or below `low` it falls by `step_down`; in between it holds.
+Hysteresis: at or above `high`, while the fill still grows, the level rises by `step_up` per
+reading (and at least to `panic_level` when the fill reaches `panic`); a high fill that is
+already falling holds the level (the backlog is draining: raising more would only wind up and
+then shed far more than needed); at or below `low` it falls by `step_down`; in between it
+holds. It rises fast and falls slowly because a full ring tears requests at once while a level
+too high only skips a few more whole ones: at 3x what a worker sustains, a 16 MiB ring of small
+V2 REST calls fills in well under a second (benchmarks/overload.py).
+
 The level only changes the kernel's map when it moves, so a quiet ring costs nothing. Plain
 arithmetic on one number per ring: the data path never waits on it, and a stopped controller
 leaves the last level in force until the sensor closes (which drops the map).
@@ -34,12 +40,12 @@ log = logging.getLogger(__name__)
 class ShedThresholds:
     """Ring fill shares (0..1) and level steps (percent of new requests shed)."""
 
-    high: float = 0.5  # raise the level at or above this fill
-    low: float = 0.2  # lower it at or below this fill
-    panic: float = 0.85  # jump to at least panic_level: the ring is about to overflow
-    step_up: int = 10
-    step_down: int = 5
-    panic_level: int = 50
+    high: float = 0.4  # raise the level at or above this fill
+    low: float = 0.15  # lower it at or below this fill
+    panic: float = 0.7  # jump to at least panic_level: the ring is about to overflow
+    step_up: int = 20
+    step_down: int = 2
+    panic_level: int = 80
 
     def __post_init__(self) -> None:
         if not 0 <= self.low < self.high <= self.panic <= 1:
@@ -63,6 +69,7 @@ class ShedController:
         # While held, the read loop's fill readings (feed) change nothing: a level set by hand
         # (tests, benchmarks' control rows) stays in force.
         self.hold = False
+        self._last_fill = 0.0
 
     def feed(self, fill: float) -> None:
         """The read loop's call after each drain: observe, unless held."""
@@ -73,8 +80,11 @@ class ShedController:
         """The ring's fill (0..1) at the start of a drain; returns the level now in force."""
         t = self.thresholds
         level = self.level
+        rising = fill >= self._last_fill
+        self._last_fill = fill
         if fill >= t.high:
-            level = min(SHED_FULL, level + t.step_up)
+            if rising:
+                level = min(SHED_FULL, level + t.step_up)
             if fill >= t.panic:
                 level = max(level, t.panic_level)
         elif fill <= t.low:
