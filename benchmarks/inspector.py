@@ -48,6 +48,10 @@ speedup (rest-small), target_speedup, and "cases" with the same three per case.
 
     .venv/bin/python -m benchmarks.inspector [--seconds N] [--json] [--profile-seconds N]
                                              [--skip-kernel] [--skip-workers]
+                                             [--cases CASE ...] [--configs CONFIG ...]
+
+--cases and --configs run part of part 1 (while working on one path); --profile-seconds 0
+profiles nothing. A case or config left out is absent from --json (its key, or its row).
 """
 
 from __future__ import annotations
