@@ -11,7 +11,8 @@ produce into a BPF ring buffer). With two workers each takes the connections the
 give its ring (agent/kernel/rings.py ring_for of the connection's endpoints), so together they
 do exactly the one worker's work. Rounds are built before the clock starts; then every worker
 runs for the same wall-clock window and counts the calls it inspected. Throughput is calls per
-wall-clock second summed over the workers (what the node gets), speedup two over one. The agent
+wall-clock second summed over the workers (what the node gets), the best of 3 interleaved runs
+each; speedup two over one. The agent
 side (this process) only receives and discards the reports; it runs on whichever core is free.
 
 On a 2-core machine the two workers take both cores, so background load (other sessions, the
@@ -56,6 +57,7 @@ from infertap.agent.runtime import INSPECT_BATCH, READ_INTERVAL_S
 
 CASES = ("rest-small", "grpc-small")
 TARGET_SPEEDUP = 1.7
+REPETITIONS = 3  # runs of each worker count, interleaved; the best of each is reported
 DISTINCT_ROUNDS = 64  # rounds built per worker, then drained again in turn (a few MB)
 
 POLICY = """\
@@ -245,8 +247,8 @@ def workers_case(seconds: float, log: Any) -> dict[str, Any]:
         for case in CASES:
             convs, port = recorded[case]
             row: dict[str, Any] = {}
-            for n in (1, 2, 1, 2):  # interleaved, best of two each: a shared VM drifts
-                mdir = work / f"metrics-{case}-{n}-{len(row)}"
+            for run, n in enumerate((1, 2) * REPETITIONS):  # interleaved: a shared VM drifts
+                mdir = work / f"metrics-{case}-{run}"
                 mdir.mkdir()
                 specs = [
                     ChildSpec(case, i, n, cpus[i], seconds, convs, port, pods, str(policy))
