@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -19,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import needs_root, start_agent
 
+from infertap.agent.defaults import DEFAULT_RUN_DIR
 from infertap.agent.kernel import bpfsys, rings
 from infertap.agent.kernel.sensor import SWEPT_ATTACH_TYPES
 from infertap.agent.testbed.v2server import start_in_pod
@@ -280,7 +282,9 @@ def test_workers_die_with_a_killed_agent(lab: Any, tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for cg in cgroups:  # what kill -9 leaves attached (the next agent would sweep it)
+        # What kill -9 leaves (the next agent would sweep it): its metrics directory, programs.
+        shutil.rmtree(DEFAULT_RUN_DIR / "metrics" / str(proc.pid), ignore_errors=True)
+        for cg in cgroups:
             for attach_type in SWEPT_ATTACH_TYPES:
                 for prog_id in bpfsys.query_cgroup(str(cg), attach_type):
                     bpfsys.detach_by_id(str(cg), attach_type, prog_id)
