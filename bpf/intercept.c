@@ -457,8 +457,25 @@ static __always_inline int http1_start(u8 role, u32 head)
     return 0;
 }
 
-/* A draw at the level: 1 = shed. Random per decision, so a few busy connections shed the
- * level's share of their requests (a flow hash would shed all or none of one connection's). */
+/* A whole connection's draw: from a hash of the connection, the same at both ends, so two ends
+ * deciding at the same instant on two CPUs (a gRPC server's SETTINGS crossing the client's
+ * preface) agree without seeing each other's decision. Mixed apart from ring_for's hash, so
+ * which connections are shed does not depend on which worker they go to. */
+static __always_inline int shed_draw_connection(const struct itap_flow_key *k, u32 level)
+{
+    if (level == 0)
+        return 0;
+    if (level >= ITAP_SHED_FULL)
+        return 1;
+    u32 h = endpoint_hash(k->local_ip, k->local_port) + endpoint_hash(k->remote_ip, k->remote_port);
+    h *= 0x2545f491u;
+    h ^= h >> 17;
+    h *= 0x9e3779b1u;
+    return (h >> 8) % ITAP_SHED_FULL < level;
+}
+
+/* A request's draw at the level: 1 = shed. Random per decision, so a few busy connections shed
+ * the level's share of their requests (a flow hash would shed all or none of one connection's). */
 static __always_inline int shed_draw(u32 level)
 {
     if (level == 0)
@@ -503,7 +520,7 @@ static __always_inline int shed_admit(struct itap_flow *flow, u64 offset, u32 he
         else if (peer && peer->shed == ITAP_SHED_KEEP)
             drop = 0;
         else
-            drop = shed_draw(shed_level(flow));
+            drop = shed_draw_connection(&flow->key, shed_level(flow));
         flow->shed = drop ? ITAP_SHED_DROP : ITAP_SHED_KEEP;
         if (drop)
             emit_shed(flow, offset, ITAP_SHED_CONNECTION);

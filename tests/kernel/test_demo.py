@@ -33,6 +33,8 @@ NOT_IN_THE_DEMO = {
     "infertap_decode_lost_total": "no decode loss",
     # OpenAI-style usage: the demo's model speaks KServe V2.
     "infertap_tokens_total": "no OpenAI traffic",
+    # Only counted when the kernel sheds under overload; the demo's load is light.
+    "infertap_inspection_skipped_total": "no overload",
 }
 
 
