@@ -24,7 +24,9 @@ Run as root: .venv/bin/python -m benchmarks.overload [--seconds N] [--workers 1 
   {"calibration": {events_per_s, seconds, decoded, samples_lost},
    "overload_1_worker": {events_per_s, offered_per_s, achieved_per_s, capacity_per_s, seconds,
                          decoded, skipped, skipped_share, decode_errors, samples_lost,
-                         shed_level_max, agent_rss_mb, workers, targets: {...}},
+                         shed_level_max, agent_rss_mb (peak of the sum), agent_process_rss_mb
+                         (this process: the agent, BCC and its LLVM), workers_rss_mb (the
+                         worker processes' sum), workers, targets: {...}},
    "overload_2_workers": {... the same keys ...}}   (with --workers 1 2)
 Keys are only ever added. Exit status 1 when the run is not valid (nothing decoded, or h2load
 failed); PASS/MISS against the targets does not change it.
@@ -199,12 +201,17 @@ class Watch(threading.Thread):
         self.agent = agent
         self.stop_flag = threading.Event()
         self.rss_peak = 0.0
+        self.parent_rss_peak = 0.0
+        self.workers_rss_peak = 0.0
         self.level_max = 0
 
     def run(self) -> None:
         while not self.stop_flag.wait(0.05):
-            pids = [os.getpid(), *(self.agent.pool.pids() if self.agent.pool else [])]
-            self.rss_peak = max(self.rss_peak, rss_mb(pids))
+            parent = rss_mb([os.getpid()])
+            workers = rss_mb(self.agent.pool.pids() if self.agent.pool else [])
+            self.rss_peak = max(self.rss_peak, parent + workers)
+            self.parent_rss_peak = max(self.parent_rss_peak, parent)
+            self.workers_rss_peak = max(self.workers_rss_peak, workers)
             self.level_max = max(self.level_max, *(c.level for c in self.agent.shed_controllers))
 
     def stop(self) -> None:
@@ -300,6 +307,8 @@ def overload(
             "samples_lost": kernel_lost(agent) - lost0,
             "shed_level_max": watch.level_max,
             "agent_rss_mb": watch.rss_peak,
+            "agent_process_rss_mb": watch.parent_rss_peak,
+            "workers_rss_mb": watch.workers_rss_peak,
             "workers": workers,
         }
         result["targets"] = {
@@ -315,7 +324,7 @@ def overload(
 def table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| case | offered/s (achieved) | decoded/s | skipped | decode errors | samples lost |"
-        " max shed level | agent RSS |",
+        " max shed level | agent RSS (process + workers) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
@@ -325,7 +334,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             f"| {name} | {r['offered_per_s']:,.0f} ({r['achieved_per_s']:,.0f}) |"
             f" {r['events_per_s']:,.0f} | {100 * r['skipped_share']:.1f}% |"
             f" {r['decode_errors']} | {r['samples_lost']} | {r['shed_level_max']}% |"
-            f" {r['agent_rss_mb']:.0f} MB |"
+            f" {r['agent_rss_mb']:.0f} MB ({r['agent_process_rss_mb']:.0f} +"
+            f" {r['workers_rss_mb']:.0f}) |"
         )
     cal = results["calibration"]
     lines.append(
