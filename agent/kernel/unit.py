@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from infertap.agent.errors import InfertapError
 from infertap.agent.kernel import bpfsys, cgroups, structs
 from infertap.agent.kernel.attach import CgroupAttachments
+from infertap.agent.kernel.compiler_memory import release_compiler_memory
 from infertap.agent.kernel.headers import HeaderTree, find_headers, point_bcc_at
 from infertap.agent.kernel.instances import shared_registry
 
@@ -99,6 +100,7 @@ class KernelUnit:
             self.close()
             raise self.ERROR(f"could not compile or load the {self.WHAT}: {exc}") from exc
         self.compile_seconds = time.monotonic() - t0
+        release_compiler_memory()  # dead weight until the next compile
         try:
             # Registered before anything is attached, so no other agent's sweep takes them.
             self._prog_ids = [bpfsys.prog_info(fn.fd).id for fn in self._loaded]

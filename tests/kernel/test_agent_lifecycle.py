@@ -107,6 +107,35 @@ def test_api_socket_is_root_only(pods: tuple[Any, Any], tmp_path: Path) -> None:
         proc.wait(timeout=20)
 
 
+def compiler_resident_kb(pid: int) -> int:
+    """Resident kB of the compiler's libraries (libLLVM, libclang-cpp) in a process."""
+    total, in_compiler = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's first line
+            name = fields[5].rsplit("/", 1)[-1] if len(fields) > 5 else ""
+            in_compiler = name.startswith(("libLLVM", "libclang-cpp"))
+        elif in_compiler and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+def test_a_started_agent_gives_back_the_compilers_memory(
+    pods: tuple[Any, Any], tmp_path: Path
+) -> None:
+    """BCC compiles in the agent's process; once loaded, the compiler's pages (83 MB of libLLVM
+    and libclang-cpp measured resident before they were paged out) are given back."""
+    client, _server = pods
+    proc = start_agent([client.cgroup], tmp_path / "api.sock")
+    try:
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "libLLVM" in maps  # the compiler is loaded: what is measured is there
+        assert compiler_resident_kb(proc.pid) < 16 * 1024
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
 def test_cli_flows_block_unblock_through_the_api(agent: Any, lab: Any) -> None:
     client, server = lab.pods["client"], lab.pods["server"]
     api = agent.options.api_addr
