@@ -451,7 +451,7 @@ def test_podman_args_follow_the_privileged_daemonset(base: list[Obj], tmp_path: 
     )
     assert "--env=NODE_NAME=node-1" in argv and "--env=INFERTAP_KUBERNETES=false" in argv
     assert "--env=INFERTAP_KUBERNETES=true" not in argv
-    assert "--memory=1g" in argv
+    assert "--memory=1536m" in argv
     image = argv.index("infertap/agent:0.1.0")
     assert argv[image + 1 :] == [
         *("run", "--metrics-addr", "0.0.0.0:9464", "--api", "unix:/run/infertap/api.sock"),

@@ -189,6 +189,41 @@ def test_a_killed_worker_is_restarted_and_counted_while_traffic_flows(
     wait_until(lambda: fraud_requests(agent) >= mid + 32)
 
 
+def skipped_total(agent: Any) -> float:
+    samples = scrape(agent).get("infertap_inspection_skipped", [])
+    return float(sum(s.value for s in samples if s.name.endswith("_total")))
+
+
+def test_shedding_on_both_rings_is_counted_through_the_workers(
+    setup: tuple[Any, Any, Any],
+) -> None:
+    """Each ring has its own controller; held at 100 on both, every new request is skipped in
+    the kernel, and the workers' counts reach the agent's /metrics and status, exactly."""
+    agent, client, server = setup
+    controllers = agent.shed_controllers
+    assert len(controllers) == 2
+    before_metric, before_calls = skipped_total(agent), fraud_requests(agent)
+    before_status = sum(agent.status().inspection_skipped.values())
+    for c in controllers:
+        c.hold = True
+        c.set_level(100)
+    try:
+        assert agent.sensor.shed_levels(2) == [100, 100]
+        run_fraud(client, server, 16, 2)  # 16 connections: both rings, odds as above
+    finally:
+        for c in controllers:
+            c.set_level(0)
+            c.hold = False
+    wait_until(lambda: skipped_total(agent) == before_metric + 32)
+    wait_until(lambda: sum(agent.status().inspection_skipped.values()) == before_status + 32)
+    assert fraud_requests(agent) == before_calls  # none decoded: all shed whole
+    snaps = agent.pool.snapshots()
+    assert all(sum(s.skipped.values()) > 0 for s in snaps), snaps  # both workers counted
+    # The level is back at 0: calls are inspected again.
+    run_fraud(client, server, 4, 2)
+    wait_until(lambda: fraud_requests(agent) == before_calls + 8)
+
+
 def test_pii_in_both_workers_trips_the_agents_breaker(setup: tuple[Any, Any, Any]) -> None:
     agent, client, server = setup
     sub = agent.events.subscribe(frozenset({"circuit", "finding"}))
