@@ -70,8 +70,12 @@ def test_every_call_on_a_busy_grpc_channel_is_decoded(
         for e in got
         if not (e.model == "echo" and e.status == "ok" and e.latency_ns)
     ]
-    # The writes were larger than a sample: the frame walk added pieces, and never lost its place.
-    assert after["h2_pieces"] > before["h2_pieces"]
+    # With 8 KiB tensors every response's trailers lie past the first 4 KiB of its write: the
+    # frame walk added pieces. With 1 KiB tensors it does only when grpc happened to pack several
+    # calls into one write, which depends on timing (seen both ways), so it is not asserted.
+    # Either way the walk never lost its place.
+    if floats * 4 > DEFAULT_SAMPLE_BYTES:
+        assert after["h2_pieces"] > before["h2_pieces"]
     assert after["h2_walk_lost"] == before["h2_walk_lost"]
     # Tensors that were captured whole are the ones sent; cut ones say so.
     names = set()
