@@ -53,6 +53,25 @@ def agent(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     a.stop()
 
 
+@pytest.fixture(scope="session")
+def sk_msg_agent_pods(lab: Any) -> Iterator[tuple[Any, Any, Any]]:
+    """(agent, client pod, server pod): one agent with sk_msg capture on a pair of pods of its
+    own, shared by the kernel tests that run both capture modes (the skb side is `agent`)."""
+    from infertap.agent.runtime import AgentOptions
+
+    client, server = lab.add_pod("skmsg-c"), lab.add_pod("skmsg-s")
+    a = start_recorded_agent(
+        AgentOptions(
+            cgroups=(str(client.cgroup), str(server.cgroup)),
+            metrics_addr=None,
+            api_addr=None,
+            capture="sk_msg",
+        )
+    )
+    yield a, client, server
+    a.stop()
+
+
 @pytest.fixture
 def make_agent(lab: Any) -> Iterator[Callable[..., Any]]:
     """For tests that need an agent of their own (options the shared one does not have):

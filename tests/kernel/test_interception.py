@@ -5,12 +5,11 @@ server port."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from support import needs_root, start_client, start_recorded_agent, start_server
+from support import needs_root, start_client, start_server
 
 from infertap.agent.flows.records import Endpoint, FlowInfo, Role, Sample
 from infertap.agent.kernel import structs
@@ -28,20 +27,8 @@ class Tap:
 
 
 @pytest.fixture(scope="module")
-def sk_msg_agent(lab: Any) -> Iterator[Tap]:
-    from infertap.agent.runtime import AgentOptions
-
-    client, server = lab.add_pod("skmsg-c"), lab.add_pod("skmsg-s")
-    a = start_recorded_agent(
-        AgentOptions(
-            cgroups=(str(client.cgroup), str(server.cgroup)),
-            metrics_addr=None,
-            api_addr=None,
-            capture="sk_msg",
-        )
-    )
-    yield Tap(a, client, server, "sk_msg")
-    a.stop()
+def sk_msg_agent(sk_msg_agent_pods: tuple[Any, Any, Any]) -> Tap:
+    return Tap(*sk_msg_agent_pods, "sk_msg")
 
 
 @pytest.fixture(params=["skb", "sk_msg"])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from support import needs_root, repo_root, start_recorded_agent
+from support import needs_root, repo_root
 
 from infertap.agent.flows.records import Role
 from infertap.agent.pipeline import SKIP_OVERLOAD, SKIP_OVERLOAD_CONNECTION
@@ -45,21 +45,10 @@ def skb_tap(lab: Any) -> Tap:
 
 
 @pytest.fixture(scope="module")
-def sk_msg_tap(lab: Any) -> Iterator[Tap]:
-    from infertap.agent.runtime import AgentOptions
-
-    client, server = lab.add_pod("shed-c"), lab.add_pod("shed-s")
-    a = start_recorded_agent(
-        AgentOptions(
-            cgroups=(str(client.cgroup), str(server.cgroup)),
-            metrics_addr=None,
-            api_addr=None,
-            capture="sk_msg",
-        )
-    )
+def sk_msg_tap(sk_msg_agent_pods: tuple[Any, Any, Any]) -> Tap:
+    agent, client, server = sk_msg_agent_pods
     start_in_pod(server, HTTP_PORT, GRPC_PORT)
-    yield Tap(a, client, server)
-    a.stop()
+    return Tap(agent, client, server)
 
 
 @pytest.fixture(params=["skb", "sk_msg"])
